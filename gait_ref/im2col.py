@@ -1,0 +1,140 @@
+"""Convolution geometry, im2col and its exact adjoint col2im.
+
+Legend
+    N  batch          C  input channels        H, W   input height, width
+    K  kernel size    S  stride                Ho, Wo output height, width
+    D  = K * K * C, the length of one patch (one row of the column matrix)
+
+Column layout: ``cols[n * Ho * Wo + oy * Wo + ox, (ky * K + kx) * C + c]`` is
+``x_padded[n, c, oy * S + ky, ox * S + kx]``. A kernel is therefore a (D, C_out)
+matrix whose rows run over (ky, kx, c), TensorFlow's [K, K, C_in, C_out] order.
+
+im2col is written as K*K strided slices (Chainer's ``utils/conv.py`` pattern) and
+col2im as the matching ``+=`` over the same slices: no ``add.at``, deterministic,
+and identical on numpy and cupy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backend import get_xp
+
+
+def same_padding(size: int, k: int, s: int) -> tuple[int, int, int]:
+    """TensorFlow 'SAME': out = ceil(size / s); the odd extra pad goes after.
+
+    Returns (out, pad_before, pad_after).
+    """
+    out = -(-size // s)
+    total = max((out - 1) * s + k - size, 0)
+    return out, total // 2, total - total // 2
+
+
+def valid_padding(size: int, k: int, s: int) -> tuple[int, int, int]:
+    if size < k:
+        raise ValueError(f"VALID convolution needs input size >= kernel size, got {size} < {k}")
+    return (size - k) // s + 1, 0, 0
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Everything about a 2-D window layout that does not depend on the data."""
+
+    C: int
+    H: int
+    W: int
+    K: int
+    S: int
+    padding: str = "same"
+
+    def __post_init__(self):
+        if self.padding not in ("same", "valid"):
+            raise ValueError(f"padding must be 'same' or 'valid', got {self.padding!r}")
+        if min(self.C, self.H, self.W, self.K, self.S) < 1:
+            raise ValueError(f"invalid conv geometry {self}")
+
+    def _axis(self, size):
+        return (same_padding if self.padding == "same" else valid_padding)(size, self.K, self.S)
+
+    @property
+    def Ho(self) -> int:
+        return self._axis(self.H)[0]
+
+    @property
+    def Wo(self) -> int:
+        return self._axis(self.W)[0]
+
+    @property
+    def pads(self) -> tuple[int, int, int, int]:
+        """(top, bottom, left, right)."""
+        _, t, b = self._axis(self.H)
+        _, l, r = self._axis(self.W)
+        return t, b, l, r
+
+    @property
+    def D(self) -> int:
+        return self.K * self.K * self.C
+
+    def window_count(self) -> np.ndarray:
+        """R[y, x]: how many windows cover input pixel (y, x), as a (H, W) numpy int array.
+
+        Per axis, window o covers input rows [o*S - pad_before, o*S - pad_before + K - 1];
+        R is the outer product of the two per-axis counts. Computed from the geometry
+        alone (scaling paper sec. 2.2.2 obtains it numerically; here it is exact).
+        """
+        t, _, l, _ = self.pads
+
+        def count(size, n_out, pad_before):
+            i = np.arange(size)[:, None]                      # (size, 1)
+            start = np.arange(n_out)[None, :] * self.S - pad_before  # (1, n_out)
+            return ((i >= start) & (i < start + self.K)).sum(axis=1)  # (size,)
+
+        return np.outer(count(self.H, self.Ho, t), count(self.W, self.Wo, l))
+
+
+def im2col(x, g: ConvGeometry):
+    """x : (N, C, H, W) -> cols : (N * Ho * Wo, D). A new array."""
+    xp = get_xp(x)
+    N = x.shape[0]
+    t, b, l, r = g.pads
+    xt = x.transpose(0, 2, 3, 1)                                  # (N, H, W, C)
+    if t or b or l or r:
+        xt = xp.pad(xt, ((0, 0), (t, b), (l, r), (0, 0)))         # (N, H+t+b, W+l+r, C)
+    cols = xp.empty((N, g.Ho, g.Wo, g.K, g.K, g.C), dtype=x.dtype)
+    ye, xe = g.S * (g.Ho - 1) + 1, g.S * (g.Wo - 1) + 1
+    for ky in range(g.K):
+        for kx in range(g.K):
+            cols[:, :, :, ky, kx, :] = xt[:, ky:ky + ye:g.S, kx:kx + xe:g.S, :]
+    return cols.reshape(N * g.Ho * g.Wo, g.D)                     # (N*Ho*Wo, D)
+
+
+def col2im(cols, g: ConvGeometry, N: int):
+    """The exact adjoint of im2col: cols : (N * Ho * Wo, D) -> x : (N, C, H, W).
+
+    Each patch entry is summed back onto the pixel it was read from. A new array.
+    """
+    xp = get_xp(cols)
+    t, b, l, r = g.pads
+    c6 = cols.reshape(N, g.Ho, g.Wo, g.K, g.K, g.C)
+    xt = xp.zeros((N, g.H + t + b, g.W + l + r, g.C), dtype=cols.dtype)
+    ye, xe = g.S * (g.Ho - 1) + 1, g.S * (g.Wo - 1) + 1
+    for ky in range(g.K):
+        for kx in range(g.K):
+            xt[:, ky:ky + ye:g.S, kx:kx + xe:g.S, :] += c6[:, :, :, ky, kx, :]
+    xt = xt[:, t:t + g.H, l:l + g.W, :]                           # crop the padding
+    return xp.ascontiguousarray(xt.transpose(0, 3, 1, 2))          # (N, C, H, W)
+
+
+def rows_to_nchw(m, N: int, Ho: int, Wo: int):
+    """(N * Ho * Wo, C) GEMM output -> (N, C, Ho, Wo)."""
+    xp = get_xp(m)
+    return xp.ascontiguousarray(m.reshape(N, Ho, Wo, -1).transpose(0, 3, 1, 2))
+
+
+def nchw_to_rows(h):
+    """(N, C, Ho, Wo) -> (N * Ho * Wo, C), the GEMM layout."""
+    xp = get_xp(h)
+    N, C, Ho, Wo = h.shape
+    return xp.ascontiguousarray(h.transpose(0, 2, 3, 1)).reshape(N * Ho * Wo, C)

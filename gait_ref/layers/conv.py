@@ -1,0 +1,117 @@
+"""2-D convolution by im2col: forward, transposed conv, gradients, exact inverse.
+
+Legend (see also ``gait_ref.im2col``)
+    N  batch        C  input channels (all)      Cr  channels read (the first Cr of C)
+    H, W  input     Ho, Wo  output                K  kernel     S  stride
+    D  = K * K * Cr, patch length       O  output channels     M  = N * Ho * Wo
+
+The kernel is stored as the (D, O) matrix that multiplies im2col rows; rows run over
+(ky, kx, c), TensorFlow's kernel order. A *square* conv has O = D: the patch-to-output
+map is then an invertible D x D matrix (scaling paper sec. 2.2.2). Only the first
+``filters`` of those D channels feed the next layer; the rest are auxiliary channels,
+and the next layer says so by reading only its first ``c_read`` input channels.
+"""
+from __future__ import annotations
+
+from ..backend import get_xp, to_device
+from ..im2col import ConvGeometry, col2im, im2col, nchw_to_rows, rows_to_nchw
+from ..linalg import SquareInverse
+
+
+class _Windowed:
+    """Channel reading and the overlap bookkeeping shared by conv and locally connected."""
+
+    def _setup(self, in_shape, c_read, K, S, padding, name):
+        self.in_shape = tuple(in_shape)
+        C, H, W = self.in_shape
+        self.c_read = C if c_read is None else int(c_read)
+        if not 0 < self.c_read <= C:
+            raise ValueError(f"{name}: reads {self.c_read} of {C} input channels")
+        self.geom = ConvGeometry(self.c_read, H, W, int(K), int(S), padding)
+        self.name = name
+        self._overlap = self.geom.window_count() - 1                 # (H, W) numpy: R - 1
+        self._overlap_on = {}                                        # backend -> array
+
+    def _read(self, x):
+        return x[:, :self.c_read]                                    # (N, Cr, H, W)
+
+    def _embed(self, x_read, fill):
+        """Full (N, C, H, W) from the read channels; unread channels from ``fill`` (or 0)."""
+        xp = get_xp(x_read)
+        C = self.in_shape[0]
+        if self.c_read == C:
+            return x_read
+        rest = (xp.zeros((x_read.shape[0], C - self.c_read) + x_read.shape[2:], x_read.dtype)
+                if fill is None else fill[:, self.c_read:])
+        return xp.concatenate([x_read, rest], axis=1)
+
+    def _overlap_correction(self, x_read):
+        """(R - 1) * x: the forward input reconstructed once too often by col2im."""
+        xp = get_xp(x_read)
+        key = (xp.__name__, x_read.dtype.str)
+        if key not in self._overlap_on:
+            self._overlap_on[key] = to_device(self._overlap.astype(x_read.dtype), xp)
+        return self._overlap_on[key] * x_read                        # (N, Cr, H, W)
+
+
+class Conv2D(_Windowed):
+    kind = "conv"
+
+    def __init__(self, in_shape, K: int, S: int, n_out: int | None = None,
+                 c_read: int | None = None, padding: str = "same", name: str = "conv"):
+        self._setup(in_shape, c_read, K, S, padding, name)
+        g = self.geom
+        self.n_out = g.D if n_out is None else int(n_out)           # default: square
+        self.out_shape = (self.n_out, g.Ho, g.Wo)
+        self.params = {}  # 'W' : (D, O), 'b' : (O,)
+
+    @property
+    def weight_shape(self):
+        return (self.geom.D, self.n_out)
+
+    @property
+    def square(self) -> bool:
+        return self.geom.D == self.n_out
+
+    def forward(self, x):
+        """x : (N, C, H, W) -> h : (N, O, Ho, Wo), cache with the im2col columns."""
+        g = self.geom
+        cols = im2col(self._read(x), g)                              # (M, D)
+        hm = cols @ self.params["W"] + self.params["b"]              # (M, O)
+        return rows_to_nchw(hm, x.shape[0], g.Ho, g.Wo), {"x": x, "cols": cols}
+
+    def input_grad(self, gh, cache, W=None):
+        """Transposed convolution: col2im(gh W^T); W may be a feedback kernel (FA). New array."""
+        W = self.params["W"] if W is None else W
+        gcols = nchw_to_rows(gh) @ W.T                               # (M, D)
+        return self._embed(col2im(gcols, self.geom, gh.shape[0]), None)
+
+    def param_grads(self, gh, cache):
+        ghm = nchw_to_rows(gh)                                       # (M, O)
+        return {"W": cache["cols"].T @ ghm, "b": ghm.sum(axis=0)}
+
+    def inverse_operator(self):
+        return SquareInverse(self.params["W"])
+
+    def inverse(self, h, cache, op):
+        """The exact inverse of a square convolution (scaling paper sec. 2.2.2, App. C).
+
+        Every window's patch is recovered exactly, p = (h - b) W^-1; col2im then sums
+        each pixel R times (R = number of windows covering it), so the forward input
+        is subtracted R - 1 times:
+
+            x = convT(h - b, (W^-1)^T) - (R - 1) * x_forward
+
+        For h = conv(x_fwd) + b + delta this is x_fwd + convT(delta, (W^-1)^T): the
+        error from every overlapping window is kept. Pixels covered by no window
+        (R = 0) come back as x_forward. Unread channels come from the forward input.
+        """
+        x_read = self._read(cache["x"])
+        patches = op.right_solve(nchw_to_rows(h) - self.params["b"])  # (M, D)
+        x_rec = col2im(patches, self.geom, h.shape[0]) - self._overlap_correction(x_read)
+        return self._embed(x_rec, cache["x"])
+
+    def inverse_delta(self, dh, cache, op):
+        """The linear part of the inverse: convT(dh, (W^-1)^T), zero on unread channels."""
+        patches = op.right_solve(nchw_to_rows(dh))                    # (M, D)
+        return self._embed(col2im(patches, self.geom, dh.shape[0]), None)

@@ -1,0 +1,41 @@
+"""Right-division by a square weight matrix: B @ W^-1, for the exact inverses.
+
+``SquareInverse(W)`` factorises W once (LU with partial pivoting) and is applied to
+every sample of the batch, and to every call in one training step (the target
+pass, the angle measurement). No explicit inverse is formed for 2-D matrices.
+Stacks of small matrices (locally connected layers, one per output position) use
+the batched explicit inverse, which is what the batched LAPACK routines offer.
+"""
+from __future__ import annotations
+
+from .backend import get_xp, scipy_linalg
+
+
+class SingularLayerError(ArithmeticError):
+    """A square layer's weight matrix is singular (or numerically so)."""
+
+
+class SquareInverse:
+    """The map B -> B @ W^-1 for a square W of shape (D, D), or a stack (P, D, D)."""
+
+    def __init__(self, W):
+        xp = get_xp(W)
+        if W.ndim < 2 or W.shape[-1] != W.shape[-2]:
+            raise ValueError(f"exact inverse needs square weights, got shape {W.shape}")
+        self.xp = xp
+        self.shape = W.shape
+        if W.ndim == 2:
+            lu, piv = scipy_linalg(xp).lu_factor(W, check_finite=False)
+            if not bool(xp.all(xp.diagonal(lu) != 0)):
+                raise SingularLayerError(f"weight matrix of shape {W.shape} is singular")
+            self._lu = (lu, piv)
+        else:
+            self._inv = xp.linalg.inv(W)                           # (P, D, D)
+
+    def right_solve(self, B):
+        """X = B @ W^-1. B : (M, D) for a 2-D W, (P, M, D) for a stack."""
+        if len(self.shape) == 2:
+            # X W = B  <=>  W^T X^T = B^T  (trans=1 solves with W^T)
+            xt = scipy_linalg(self.xp).lu_solve(self._lu, B.T, trans=1, check_finite=False)
+            return xt.T
+        return B @ self._inv

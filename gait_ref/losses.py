@@ -1,0 +1,77 @@
+"""Output losses on the first K output units; auxiliary output units get zero error.
+
+Each loss returns the loss value and dL/dy_L. Any loss becomes an output *target*
+t_L = y_L - dL/dy_L (GAIT-prop NeurIPS sec. 5): the local loss 0.5 ||y_L - t_L||^2
+then has exactly the gradient dL/dy_L. (The scaling code writes t_L = y_L - 0.5 dL/dy_L
+with a local loss ||y_L - t_L||^2; it is the same target scale.)
+Reduction is a sum over the batch, as in both reference codes, or the mean.
+"""
+from __future__ import annotations
+
+from .backend import get_xp
+
+
+def _scale(reduction: str, n: int) -> float:
+    if reduction == "sum":
+        return 1.0
+    if reduction == "mean":
+        return 1.0 / n
+    raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+
+
+class SoftmaxCrossEntropy:
+    name = "cross_entropy"
+
+    def __init__(self, n_classes: int, reduction: str = "sum"):
+        self.n_classes, self.reduction = int(n_classes), reduction
+
+    def logits(self, y):
+        return y[:, :self.n_classes]                                # (N, K)
+
+    def value_and_grad(self, y, labels):
+        """y : (N, O >= K), labels : (N,) int -> (loss float, dL/dy : (N, O))."""
+        xp = get_xp(y, labels)
+        N, K = y.shape[0], self.n_classes
+        z = self.logits(y)
+        z = z - z.max(axis=1, keepdims=True)
+        logp = z - xp.log(xp.exp(z).sum(axis=1, keepdims=True))     # (N, K)
+        rows = xp.arange(N)
+        s = _scale(self.reduction, N)
+        loss = -float(logp[rows, labels].sum()) * s
+        gy = xp.zeros_like(y)
+        p = xp.exp(logp)
+        p[rows, labels] -= 1
+        gy[:, :K] = p * y.dtype.type(s)                              # softmax - onehot
+        return loss, gy
+
+
+class MeanSquaredError:
+    """0.5 * sum_k (y_k - onehot_k)^2 over the first K units (the NeurIPS code's loss)."""
+
+    name = "mse"
+
+    def __init__(self, n_classes: int, reduction: str = "sum"):
+        self.n_classes, self.reduction = int(n_classes), reduction
+
+    def logits(self, y):
+        return y[:, :self.n_classes]
+
+    def value_and_grad(self, y, labels):
+        xp = get_xp(y, labels)
+        N, K = y.shape[0], self.n_classes
+        s = _scale(self.reduction, N)
+        diff = y[:, :K].copy()
+        diff[xp.arange(N), labels] -= 1
+        gy = xp.zeros_like(y)
+        gy[:, :K] = diff * y.dtype.type(s)
+        return 0.5 * float((diff * diff).sum()) * s, gy
+
+
+LOSSES = {"cross_entropy": SoftmaxCrossEntropy, "mse": MeanSquaredError}
+
+
+def make_loss(name: str, n_classes: int, reduction: str = "sum"):
+    try:
+        return LOSSES[name](n_classes, reduction)
+    except KeyError:
+        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}") from None

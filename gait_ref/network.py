@@ -1,0 +1,133 @@
+"""The network container: a stack of (layer, activation) pairs.
+
+Layer l (1-based in the papers, 0-based here) computes h_l = layer_l(y_{l-1}) and
+y_l = f_l(h_l), with y_{-1} = x the input. ``forward`` returns a ``Trace`` holding
+every layer's input, pre-activation, output and cache: everything the BP backward
+pass, the exact inverses and the learning rules need, passed explicitly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .init import init_layer
+
+
+@dataclass
+class Trace:
+    """One forward pass. xs[l] is layer l's input (y_{l-1}), hs[l] its pre-activation,
+    ys[l] its output, caches[l] what its gradients and inverse need."""
+
+    xs: list = field(default_factory=list)
+    hs: list = field(default_factory=list)
+    ys: list = field(default_factory=list)
+    caches: list = field(default_factory=list)
+
+    @property
+    def output(self):
+        return self.ys[-1]
+
+
+class Network:
+    def __init__(self, layers, activations):
+        if len(layers) != len(activations):
+            raise ValueError("one activation per layer")
+        for below, above in zip(layers, layers[1:]):
+            if tuple(below.out_shape) != tuple(above.in_shape):
+                raise ValueError(f"{above.name} expects input {above.in_shape}, "
+                                 f"{below.name} gives {below.out_shape}")
+        self.layers = list(layers)
+        self.activations = list(activations)
+
+    def __len__(self):
+        return len(self.layers)
+
+    @property
+    def in_shape(self):
+        return self.layers[0].in_shape
+
+    @property
+    def out_shape(self):
+        return self.layers[-1].out_shape
+
+    def init(self, seed: int, scheme: str, xp, dtype, scale: float = 1.0) -> None:
+        """Draw every layer's weights from numpy Generator(seed) in layer order."""
+        rng = np.random.default_rng([int(seed), 0])  # stream 0: forward weights
+        for layer in self.layers:
+            init_layer(layer, rng, scheme, xp, dtype, scale)
+
+    def parameters(self) -> dict:
+        """{'<layer>.<param>': array}: the live arrays (optimisers update them in place)."""
+        return {f"{l.name}.{k}": v for l in self.layers for k, v in l.params.items()}
+
+    def describe(self) -> str:
+        rows = []
+        for l, f in zip(self.layers, self.activations):
+            sq = "square" if l.square else "      "
+            rows.append(f"{l.name:>8} {l.kind:>6} {str(l.in_shape):>16} -> {str(l.out_shape):<16} "
+                        f"W{tuple(l.weight_shape)} {sq} {f.name}")
+        return "\n".join(rows)
+
+    # ---- forward ------------------------------------------------------------------------
+    def forward(self, x) -> Trace:
+        tr = Trace()
+        for layer, f in zip(self.layers, self.activations):
+            h, cache = layer.forward(x)
+            y = f.f(h)
+            tr.xs.append(x)
+            tr.hs.append(h)
+            tr.ys.append(y)
+            tr.caches.append(cache)
+            x = y
+        return tr
+
+    def predict(self, x):
+        return self.forward(x).output
+
+    # ---- backprop ------------------------------------------------------------------------
+    def backward(self, tr: Trace, gy):
+        """BP (Rumelhart et al.; NeurIPS eq. 3): delta_L = dL/dy_L * f'(h_L),
+        delta_{l-1} = (delta_l W_l^T) * f'(h_{l-1}), dW_l = y_{l-1}^T delta_l.
+
+        gy : dL/dy_L, shaped like the output. Returns a list of {'W', 'b'} per layer.
+        """
+        grads = [None] * len(self.layers)
+        delta = gy * self.activations[-1].deriv(tr.hs[-1])
+        for l in range(len(self.layers) - 1, -1, -1):
+            layer = self.layers[l]
+            grads[l] = layer.param_grads(delta, tr.caches[l])
+            if l > 0:
+                delta = layer.input_grad(delta, tr.caches[l]) * self.activations[l - 1].deriv(tr.hs[l - 1])
+        return grads
+
+    # ---- exact inverse --------------------------------------------------------------------
+    def inverse_operators(self, first: int = 1):
+        """One factorisation per square layer from ``first`` up (None below it), computed
+        once per step and shared by every inverse in it."""
+        ops = []
+        for l, layer in enumerate(self.layers):
+            if l < first:
+                ops.append(None)
+                continue
+            if not layer.square:
+                raise ValueError(f"layer {layer.name} (W {layer.weight_shape}) is not square, "
+                                 "so it has no exact inverse; target rules need square layers "
+                                 "above the first")
+            ops.append(layer.inverse_operator())
+        return ops
+
+    def invert_layer(self, l: int, y, tr: Trace, op):
+        """g_l^-1(y) = (f^-1(y) - b_l) W_l^-1, auxiliary units from the forward pass (eq. 5)."""
+        return self.layers[l].inverse(self.activations[l].inverse(y), tr.caches[l], op)
+
+    def invert(self, tr: Trace, y_top, ops=None):
+        """Apply every exact inverse top-down from an output y_top; returns the
+        reconstructed input of each layer, [x_0, ..., x_{L-1}] (x_l = input of layer l)."""
+        ops = self.inverse_operators(first=0) if ops is None else ops
+        out = [None] * len(self.layers)
+        y = y_top
+        for l in range(len(self.layers) - 1, -1, -1):
+            y = self.invert_layer(l, y, tr, ops[l])
+            out[l] = y
+        return out

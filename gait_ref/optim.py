@@ -1,0 +1,101 @@
+"""Optimisers, updating parameters in place. Each equation sits above its line.
+
+State is kept per parameter name and can be saved (``state_dict``: a flat dict of
+numpy arrays and numbers) and restored (``load_state_dict``) for bit-exact resume.
+"""
+from __future__ import annotations
+
+import math
+
+from .backend import get_xp, to_device, to_numpy
+
+
+class Adam:
+    """Adam (Kingma & Ba 2014) with bias correction.
+
+    eps_placement='hat' (the paper's Algorithm 1, PyTorch):
+        theta -= lr * m_hat / (sqrt(v_hat) + eps)
+    eps_placement='tf' (TensorFlow/Keras, the scaling reference code):
+        theta -= lr_t * m / (sqrt(v) + eps),  lr_t = lr * sqrt(1 - b2^t) / (1 - b1^t)
+    """
+
+    def __init__(self, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, eps_placement="hat"):
+        if eps_placement not in ("hat", "tf"):
+            raise ValueError(f"eps_placement must be 'hat' or 'tf', got {eps_placement!r}")
+        self.lr, self.beta1, self.beta2, self.eps = lr, beta1, beta2, eps
+        self.eps_placement = eps_placement
+        self.t = 0
+        self.m, self.v = {}, {}
+
+    def step(self, params: dict, grads: dict) -> None:
+        """params[name] -= update(grads[name]), in place."""
+        self.t += 1
+        b1, b2, t = self.beta1, self.beta2, self.t
+        for name, p in params.items():
+            g = grads[name]
+            xp = get_xp(p, g)
+            if name not in self.m:
+                self.m[name], self.v[name] = xp.zeros_like(p), xp.zeros_like(p)
+            m, v = self.m[name], self.v[name]
+            # m_t = b1 m_{t-1} + (1 - b1) g
+            m *= b1
+            m += (1 - b1) * g
+            # v_t = b2 v_{t-1} + (1 - b2) g^2
+            v *= b2
+            v += (1 - b2) * (g * g)
+            if self.eps_placement == "hat":
+                # theta -= lr * (m_t / (1 - b1^t)) / (sqrt(v_t / (1 - b2^t)) + eps)
+                m_hat = m / (1 - b1 ** t)
+                v_hat = v / (1 - b2 ** t)
+                p -= (self.lr * m_hat / (xp.sqrt(v_hat) + self.eps)).astype(p.dtype, copy=False)
+            else:
+                # lr_t = lr sqrt(1 - b2^t) / (1 - b1^t);  theta -= lr_t m_t / (sqrt(v_t) + eps)
+                lr_t = self.lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+                p -= (lr_t * m / (xp.sqrt(v) + self.eps)).astype(p.dtype, copy=False)
+
+    def state_dict(self) -> dict:
+        state = {"t": self.t}
+        for name in self.m:
+            state[f"m/{name}"] = to_numpy(self.m[name])
+            state[f"v/{name}"] = to_numpy(self.v[name])
+        return state
+
+    def load_state_dict(self, state: dict, xp) -> None:
+        self.t = int(state["t"])
+        self.m = {k[2:]: to_device(v, xp) for k, v in state.items() if k.startswith("m/")}
+        self.v = {k[2:]: to_device(v, xp) for k, v in state.items() if k.startswith("v/")}
+
+
+class SGD:
+    """SGD with momentum and (L2) weight decay:
+        g' = g + wd * theta;  u = mu * u + g';  theta -= lr * u."""
+
+    def __init__(self, lr=1e-2, momentum=0.0, weight_decay=0.0):
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.t = 0
+        self.u = {}
+
+    def step(self, params: dict, grads: dict) -> None:
+        self.t += 1
+        for name, p in params.items():
+            xp = get_xp(p)
+            # g' = g + wd * theta
+            g = grads[name] + self.weight_decay * p if self.weight_decay else grads[name]
+            if self.momentum:
+                if name not in self.u:
+                    self.u[name] = xp.zeros_like(p)
+                # u = mu * u + g'
+                self.u[name] *= self.momentum
+                self.u[name] += g
+                g = self.u[name]
+            # theta -= lr * u
+            p -= (self.lr * g).astype(p.dtype, copy=False)
+
+    def state_dict(self) -> dict:
+        state = {"t": self.t}
+        state.update({f"u/{k}": to_numpy(v) for k, v in self.u.items()})
+        return state
+
+    def load_state_dict(self, state: dict, xp) -> None:
+        self.t = int(state["t"])
+        self.u = {k[2:]: to_device(v, xp) for k, v in state.items() if k.startswith("u/")}

@@ -1,0 +1,63 @@
+"""Orthogonality regularisers with explicit gradients, and the orthogonality report.
+
+Weights here are (fan_in, fan_out) matrices used as h = x W, the transpose of the
+papers' column convention W_p = W^T. For a conv the (D, O) kernel matrix is used
+as it is stored (the scaling paper's kernel reshaped to D x D).
+
+* 'offdiag' (NeurIPS eq. 23): lambda || W_p W_p^T * (J - I) ||^2, off-diagonal only.
+  With G = W^T W (= W_p W_p^T) and O = G * (J - I): value sum O^2, gradient 4 W O.
+* 'full' (scaling paper): lambda || W W^T - I ||^2. For square W, ||W W^T - I|| =
+  ||W^T W - I|| (same singular values), gradient 4 (W W^T - I) W: two GEMMs.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .backend import get_xp, to_numpy
+
+FORMS = ("full", "offdiag")
+
+
+def ortho_penalty(W, form: str = "full"):
+    """(value, gradient) of the unscaled penalty for one square (D, D) matrix."""
+    xp = get_xp(W)
+    if form == "full":
+        E = W @ W.T                                                 # (D, D)
+        E[xp.diag_indices(E.shape[0])] -= 1                         # W W^T - I
+        return float((E * E).sum()), 4 * (E @ W)
+    if form == "offdiag":
+        O = W.T @ W                                                 # W_p W_p^T
+        O[xp.diag_indices(O.shape[0])] = 0                          # * (J - I)
+        return float((O * O).sum()), 4 * (W @ O)
+    raise ValueError(f"unknown orthogonality form {form!r}; choose one of {FORMS}")
+
+
+def add_ortho_grads(net, grads, lam: float, form: str = "full") -> float:
+    """grads[l]['W'] += lam * d penalty / dW for every square 2-D layer, in place.
+    Returns the summed penalty (unscaled by lam)."""
+    total = 0.0
+    if not lam:
+        return total
+    for layer, g in zip(net.layers, grads):
+        W = layer.params["W"]
+        if layer.square and W.ndim == 2:
+            value, gW = ortho_penalty(W, form)
+            g["W"] += W.dtype.type(lam) * gW
+            total += value
+    return total
+
+
+def orthogonality_report(net) -> dict:
+    """Per square layer: ||W W^T - I||_F / sqrt(D) and the condition number (from the SVD)."""
+    out = {}
+    for layer in net.layers:
+        W = layer.params["W"]
+        if not layer.square:
+            continue
+        Wn = to_numpy(W).astype(np.float64).reshape((-1,) + W.shape[-2:])
+        s = np.linalg.svd(Wn, compute_uv=False)                      # (P, D)
+        D = W.shape[-1]
+        err = np.sqrt(((s ** 2 - 1) ** 2).sum(axis=-1) / D).max()
+        cond = (s.max(axis=-1) / np.maximum(s.min(axis=-1), np.finfo(float).tiny)).max()
+        out[layer.name] = {"ortho_error": float(err), "cond": float(cond)}
+    return out

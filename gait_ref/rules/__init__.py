@@ -1,0 +1,40 @@
+"""Learning rules. Each computes, for one batch and one forward pass, every layer's
+weight and bias update on BP's scale (a gradient to descend), from explicit maths:
+
+    rule = make_rule(name, net, **options)
+    grads, info = rule.compute(trace, dL_dyL)
+
+Rules: bp, fa, dfa, tp, itp, gait-vanilla, gait (normalized GAIT-prop).
+"""
+from __future__ import annotations
+
+from .bp import BP
+from .feedback_alignment import DFA, FA
+from .targets import TargetRule
+
+RULES = ("bp", "fa", "dfa", "tp", "itp", "gait-vanilla", "gait")
+
+
+def make_rule(name: str, net, *, seed: int = 0, gamma: float | None = None,
+              form: str = "difference", norm: str = "l2", sqrt_dim: bool = True,
+              feedback_init: str = "orthogonal"):
+    """Build rule ``name`` for ``net``. gamma defaults: 1e-3 (itp, gait-vanilla), 1e-7 (gait)."""
+    if name == "bp":
+        return BP(net)
+    if name == "fa":
+        return FA(net, seed=seed, init=feedback_init)
+    if name == "dfa":
+        return DFA(net, seed=seed, init="normal" if feedback_init == "orthogonal" else feedback_init)
+    if name == "tp":
+        return TargetRule(net, "tp", form=form)
+    if name == "itp":
+        return TargetRule(net, "itp", gamma=1e-3 if gamma is None else gamma, form=form)
+    if name == "gait-vanilla":
+        return TargetRule(net, "gait", gamma=1e-3 if gamma is None else gamma, form=form)
+    if name == "gait":
+        return TargetRule(net, "gait", gamma=1e-7 if gamma is None else gamma,
+                          gamma_mode="normalized", form=form, norm=norm, sqrt_dim=sqrt_dim)
+    raise ValueError(f"unknown rule {name!r}; choose one of {', '.join(RULES)}")
+
+
+__all__ = ["BP", "FA", "DFA", "TargetRule", "make_rule", "RULES"]

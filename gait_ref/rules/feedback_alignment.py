@@ -1,0 +1,75 @@
+"""Feedback alignment (Lillicrap et al. 2016) and direct feedback alignment (Nokland 2016).
+
+FA: BP's backward pass with a fixed random matrix B_l in place of W_l:
+    delta_{l-1} = (delta_l B_l^T) * f'(h_{l-1}); for a conv, a transposed conv by B_l.
+DFA: the output error e = dL/dy_L * f'(h_L) goes straight to every hidden layer:
+    delta_l = (e B_l) * f'(h_l),  B_l : (O_L, |h_l|).
+
+The feedback matrices are drawn from their own numpy stream (seed, 1): the scaling
+reference code seeds them like the forward weights, so that B_l equals the initial
+W_{l+1}; that collision is a bug and is not reproduced here.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..backend import get_xp, to_device
+from ..init import draw_weights
+
+
+def _feedback_rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng([int(seed), 1])  # stream 1: feedback, never the forward stream
+
+
+class FA:
+    name = "fa"
+    needs_square = False
+
+    def __init__(self, net, seed: int = 0, init: str = "orthogonal"):
+        self.net = net
+        rng = _feedback_rng(seed)
+        W0 = net.layers[0].params["W"]
+        xp, dtype = get_xp(W0), W0.dtype
+        # B_l for l >= 1 (layer 0 sends no error further down)
+        self.B = [None] + [to_device(draw_weights(rng, l.weight_shape, init).astype(dtype), xp)
+                           for l in net.layers[1:]]
+
+    def compute(self, tr, gy):
+        net = self.net
+        grads = [None] * len(net)
+        delta = gy * net.activations[-1].deriv(tr.hs[-1])
+        for l in range(len(net) - 1, -1, -1):
+            layer = net.layers[l]
+            grads[l] = layer.param_grads(delta, tr.caches[l])
+            if l > 0:
+                delta = layer.input_grad(delta, tr.caches[l], W=self.B[l]) \
+                    * net.activations[l - 1].deriv(tr.hs[l - 1])
+        return grads, {}
+
+
+class DFA:
+    name = "dfa"
+    needs_square = False
+
+    def __init__(self, net, seed: int = 0, init: str = "normal"):
+        self.net = net
+        rng = _feedback_rng(seed)
+        W0 = net.layers[0].params["W"]
+        xp, dtype = get_xp(W0), W0.dtype
+        n_out = math.prod(net.out_shape)
+        self.B = [to_device(draw_weights(rng, (n_out, math.prod(l.out_shape)), init).astype(dtype), xp)
+                  for l in net.layers[:-1]] + [None]
+
+    def compute(self, tr, gy):
+        net = self.net
+        L = len(net)
+        e = gy * net.activations[-1].deriv(tr.hs[-1])                # (N, O_L)
+        e_flat = e.reshape(e.shape[0], -1)
+        grads = [None] * L
+        grads[-1] = net.layers[-1].param_grads(e, tr.caches[-1])
+        for l in range(L - 1):
+            delta = (e_flat @ self.B[l]).reshape(tr.hs[l].shape) * net.activations[l].deriv(tr.hs[l])
+            grads[l] = net.layers[l].param_grads(delta, tr.caches[l])
+        return grads, {}

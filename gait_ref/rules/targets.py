@@ -1,0 +1,136 @@
+"""Target propagation through exact inverses: TP, ITP and GAIT-prop (vanilla, normalized).
+
+One recursion serves all three; they differ only in the incremental factor eps_l
+used to step from layer l's output towards its target before inverting:
+
+    t_{l-1} = g_l^-1((1 - eps_l) y_l + eps_l t_l)              (NeurIPS eq. 12, 17)
+            = g_l^-1(y_l + eps_l d_l),    d_l = t_l - y_l
+
+    TP          eps_l = 1                                      (eq. 5)
+    ITP         eps_l = gamma_l                                (eq. 12)
+    GAIT-prop   eps_l = gamma_l * f'(h_l)^2                    (eq. 16)
+
+and every layer's update is the local delta rule on its own target,
+
+    dW_l = y_{l-1}^T ((y_l - t_l) * f'(h_l)) * s_l             (eq. 4, 13, 18)
+
+with s_l = 1 for TP and s_l = prod_{j>l} 1/gamma_j for ITP and GAIT-prop (eq. 21),
+so that updates are on BP's scale (with orthogonal W and gamma -> 0, GAIT-prop's
+update *is* BP's). The output target is t_L = y_L - dL/dy_L for any loss.
+
+gamma: 'vanilla' uses a fixed gamma_l (default 1e-3). 'normalized' (scaling paper
+eq. 5) recomputes it per layer and per sample from the target-activation distance,
+
+    gamma_{l,n} = gamma0 * sqrt(D_l) / ||d_{l,n}||      (reference code: plain L2 norm)
+
+so every layer's nudge has an RMS of about gamma0; the scale s then compounds per
+sample. ``norm='squared'`` uses ||d||^2 as the paper's equation prints it, and
+``sqrt_dim=False`` drops the sqrt(D_l). A sample with d = 0 contributes no update:
+its gamma is set to 1 instead of dividing by zero.
+
+Two target forms, mathematically identical:
+
+* ``absolute`` (the papers' algorithm as written): carry t_l, form
+  (1 - eps) y + eps t, invert it with g_l^-1(y) = (f^-1(y) - b) W^-1 (auxiliary units
+  from the forward pass) and subtract y_{l-1} for the update. In float32 (1 - eps) y +
+  eps t rounds to y once eps |d| < 2^-24 |y|, and the final t - y cancels: the angle
+  to BP collapses.
+* ``difference`` (its numerically exact implementation): carry d_l = t_l - y_l.
+  Since g_l^-1(y_l) = y_{l-1} exactly (the forward input, auxiliary units included),
+
+      d_{l-1} = g_l^-1(y_l + eps_l d_l) - g_l^-1(y_l)
+              = [ (f^-1(y_l + eps_l d_l) - f^-1(y_l)) ] W_l^-1        (dense)
+              = convT([ ... ], (W_l^-1)^T)                            (square conv)
+
+  The bracket is ``activation.inverse_difference`` (exact piecewise for leaky ReLU:
+  eps d / a where no sign change), the bias cancels, and the forward reconstruction
+  (including the conv's (R - 1) x overlap term) is subtracted analytically: only the
+  linear part ``layer.inverse_delta`` is applied. No two nearly equal numbers are
+  ever subtracted, so float32 keeps the angle to BP.
+"""
+from __future__ import annotations
+
+import math
+
+from ..backend import get_xp
+
+MODES = ("tp", "itp", "gait")
+FORMS = ("absolute", "difference")
+GAMMAS = ("vanilla", "normalized")
+
+
+def _per_sample(v, like):
+    """(N,) -> (N, 1, ...) broadcastable against ``like``."""
+    return v.reshape((-1,) + (1,) * (like.ndim - 1))
+
+
+class TargetRule:
+    needs_square = True
+
+    def __init__(self, net, mode: str = "gait", gamma: float = 1e-3, gamma_mode: str = "vanilla",
+                 form: str = "difference", norm: str = "l2", sqrt_dim: bool = True):
+        if mode not in MODES:
+            raise ValueError(f"unknown target mode {mode!r}; choose one of {MODES}")
+        if form not in FORMS:
+            raise ValueError(f"unknown target form {form!r}; choose one of {FORMS}")
+        if gamma_mode not in GAMMAS:
+            raise ValueError(f"unknown gamma mode {gamma_mode!r}; choose one of {GAMMAS}")
+        if norm not in ("l2", "squared"):
+            raise ValueError(f"norm must be 'l2' or 'squared', got {norm!r}")
+        if mode != "tp" and not gamma > 0:
+            raise ValueError(f"gamma must be > 0, got {gamma}")
+        self.net, self.mode, self.gamma, self.gamma_mode = net, mode, float(gamma), gamma_mode
+        self.form, self.norm, self.sqrt_dim = form, norm, sqrt_dim
+        self.name = {"tp": "tp", "itp": "itp", "gait": "gait"}[mode]
+
+    # ---- the incremental factor ------------------------------------------------------------
+    def _gamma(self, d):
+        """gamma_l: a float (vanilla) or an (N,) array (normalized, scaling paper eq. 5)."""
+        if self.gamma_mode == "vanilla":
+            return self.gamma
+        xp = get_xp(d)
+        dist = xp.sqrt((d.reshape(d.shape[0], -1) ** 2).sum(axis=1))          # (N,) ||d_{l,n}||
+        denom = dist * dist if self.norm == "squared" else dist
+        num = self.gamma * (math.sqrt(d[0].size) if self.sqrt_dim else 1.0)
+        safe = xp.where(denom > 0, denom, 1)
+        return xp.where(denom > 0, d.dtype.type(num) / safe, d.dtype.type(1))  # d = 0: gamma 1
+
+    def _eps(self, gamma, fp):
+        """eps_l: 1 (TP), gamma (ITP, eq. 12) or gamma f'(h_l)^2 (GAIT-prop, eq. 16)."""
+        if self.mode == "tp":
+            return 1
+        g = gamma if isinstance(gamma, float) else _per_sample(gamma, fp)
+        return g * fp * fp if self.mode == "gait" else g
+
+    # ---- the recursion -----------------------------------------------------------------------
+    def compute(self, tr, gy, ops=None):
+        """Per-layer updates on BP's scale, and info (mean target distance per layer)."""
+        net = self.net
+        xp = get_xp(gy)
+        L = len(net)
+        ops = net.inverse_operators(first=1) if ops is None else ops
+        grads, dist = [None] * L, [None] * L
+        yL = tr.ys[-1]
+        d = -gy                                   # d_L = t_L - y_L = -dL/dy_L
+        t = yL - gy if self.form == "absolute" else None
+        s = xp.ones(yL.shape[0], dtype=yL.dtype)  # the per-sample scale s_l
+        for l in range(L - 1, -1, -1):
+            layer, f = net.layers[l], net.activations[l]
+            y, fp = tr.ys[l], f.deriv(tr.hs[l])
+            # eq. 18: dW_l = y_{l-1}^T ((y_l - t_l) * f'(h_l)), times s_l (eq. 21)
+            grads[l] = layer.param_grads((-d) * fp * _per_sample(s, d), tr.caches[l])
+            dist[l] = float(xp.sqrt((d.reshape(d.shape[0], -1) ** 2).sum(axis=1)).mean())
+            if l == 0:
+                break
+            gamma = self._gamma(d)
+            eps = self._eps(gamma, fp)
+            if self.form == "difference":
+                # d_{l-1} = (f^-1(y + eps d) - f^-1(y)) W^-1, exactly
+                d = layer.inverse_delta(f.inverse_difference(y, eps * d), tr.caches[l], ops[l])
+            else:
+                # t_{l-1} = g_l^-1((1 - eps) y + eps t), eq. 17
+                t = net.invert_layer(l, (1 - eps) * y + eps * t, tr, ops[l])
+                d = t - tr.ys[l - 1]
+            if self.mode != "tp":
+                s = s / gamma                        # s_{l-1} = s_l / gamma_l, eq. 21
+        return grads, {"target_distance": dist}

@@ -1,0 +1,67 @@
+import math
+
+import numpy as np
+import pytest
+
+from gait_ref.optim import SGD, Adam
+
+
+def _adam_by_hand(p, grads, lr, b1, b2, eps, placement):
+    """Three Adam steps on a scalar, written out independently of the implementation."""
+    m = v = 0.0
+    out = []
+    for t, g in enumerate(grads, start=1):
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        if placement == "hat":
+            p = p - lr * (m / (1 - b1 ** t)) / (math.sqrt(v / (1 - b2 ** t)) + eps)
+        else:
+            p = p - lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t) * m / (math.sqrt(v) + eps)
+        out.append(p)
+    return out
+
+
+@pytest.mark.parametrize("placement", ["hat", "tf"])
+def test_adam_three_step_trajectory(xp, placement):
+    grads = [0.5, -0.3, 0.8]
+    expect = _adam_by_hand(1.0, grads, 0.1, 0.9, 0.99, 1e-1, placement)
+    p = {"w": xp.asarray([1.0])}
+    opt = Adam(lr=0.1, beta1=0.9, beta2=0.99, eps=1e-1, eps_placement=placement)
+    for g, e in zip(grads, expect):
+        opt.step(p, {"w": xp.asarray([g])})
+        assert abs(float(p["w"][0]) - e) < 1e-14
+    # the two placements differ once eps matters
+    other = _adam_by_hand(1.0, grads, 0.1, 0.9, 0.99, 1e-1, "tf" if placement == "hat" else "hat")
+    assert abs(other[-1] - expect[-1]) > 1e-4
+
+
+def test_adam_state_roundtrip(xp):
+    rng = np.random.default_rng(0)
+    p1 = {"w": xp.asarray(rng.standard_normal((3, 4)))}
+    p2 = {"w": p1["w"].copy()}
+    a1, a2 = Adam(lr=0.01), Adam(lr=0.01)
+    gs = [xp.asarray(rng.standard_normal((3, 4))) for _ in range(4)]
+    for g in gs[:2]:
+        a1.step(p1, {"w": g})
+        a2.step(p2, {"w": g})
+    a3 = Adam(lr=0.01)
+    a3.load_state_dict(a2.state_dict(), xp)
+    for g in gs[2:]:
+        a1.step(p1, {"w": g})
+        a3.step(p2, {"w": g})
+    np.testing.assert_array_equal(np.asarray(p1["w"].tolist()), np.asarray(p2["w"].tolist()))
+
+
+def test_sgd_momentum_weight_decay(xp):
+    p = {"w": xp.asarray([2.0])}
+    opt = SGD(lr=0.1, momentum=0.9, weight_decay=0.01)
+    # step 1: g' = 1 + 0.02 = 1.02; u = 1.02; p = 2 - 0.102 = 1.898
+    opt.step(p, {"w": xp.asarray([1.0])})
+    assert abs(float(p["w"][0]) - 1.898) < 1e-14
+    # step 2: g' = 1 + 0.01898; u = 0.9 * 1.02 + 1.01898 = 1.93698; p = 1.898 - 0.193698
+    opt.step(p, {"w": xp.asarray([1.0])})
+    assert abs(float(p["w"][0]) - (1.898 - 0.193698)) < 1e-12
+    state = opt.state_dict()
+    opt2 = SGD(lr=0.1, momentum=0.9, weight_decay=0.01)
+    opt2.load_state_dict(state, xp)
+    assert opt2.t == 2 and abs(float(opt2.u["w"][0]) - 1.93698) < 1e-12
