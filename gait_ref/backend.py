@@ -101,6 +101,15 @@ def scipy_linalg(xp):
     return cupyx.scipy.linalg
 
 
+def pinned_empty(shape, dtype, xp):
+    """A host array for copies to ``xp``: page-locked (pinned) memory under cupy, so the
+    host-to-device copy can run asynchronously; a plain numpy array otherwise."""
+    if xp is np:
+        return np.empty(shape, dtype)
+    import cupyx
+    return cupyx.empty_pinned(shape, dtype)
+
+
 def synchronize(xp) -> None:
     """Wait for queued device work (for timings); nothing to do on numpy."""
     if xp is not np:

@@ -1,0 +1,124 @@
+"""Run configuration and the papers' presets.
+
+Hyperparameters depend on the architecture family and the rule, following the two
+reference codes (see ../shared/notes/ALGORITHMS.md):
+
+* ``neurips`` (mlp-<W>x<N>, mlp-tower; GAIT-prop NeurIPS 2020 code): leaky ReLU on every
+  layer, MSE to one-hot averaged over the batch, batch 60, 100 epochs, off-diagonal
+  orthogonality regulariser; BP/GAIT lr 1e-4 (GAIT lambda 0.1), TP lr 1e-5 lambda 1000.
+* ``scaling-cifar`` (mlp-shallow, mlp-deep) and ``scaling-imagenet`` (conv7): the scaling
+  paper's code: softmax cross-entropy summed over the batch, batch 256, 200 epochs,
+  Adam (TF epsilon placement), full orthogonality regulariser, values of Appendix
+  table in ALGORITHMS.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+
+TASK_DEFAULT_ARCH = {"mnist": "mlp-784x4", "fashion-mnist": "mlp-784x4", "kmnist": "mlp-784x4",
+                     "cifar10": "mlp-shallow", "imagenet": "conv7", "imagenet32": "conv7",
+                     "synthetic": "mlp-64x2"}
+
+TARGET_RULES = ("tp", "itp", "gait-vanilla", "gait")
+
+
+def arch_family(arch: str) -> str:
+    if re.fullmatch(r"mlp-\d+x\d+", arch) or arch == "mlp-tower":
+        return "neurips"
+    if arch in ("mlp-shallow", "mlp-deep"):
+        return "scaling-cifar"
+    if arch == "conv7":
+        return "scaling-imagenet"
+    return "other"
+
+
+def rule_presets(family: str, rule: str) -> dict:
+    """The reference hyperparameters for (architecture family, rule)."""
+    fa_like = rule in ("fa", "dfa")
+    target = rule in TARGET_RULES
+    if family == "neurips":
+        p = dict(loss="mse", reduction="mean", batch_size=60, epochs=100, lr=1e-4, adam_beta2=0.999,
+                 adam_eps=1e-8, ortho_form="offdiag", ortho_lambda=0.0)
+        if rule in ("gait", "gait-vanilla", "itp"):
+            p["ortho_lambda"] = 0.1
+        if rule == "tp":
+            p.update(lr=1e-5, ortho_lambda=1000.0)
+        return p
+    if family == "scaling-imagenet":
+        p = dict(loss="cross_entropy", reduction="sum", batch_size=256, epochs=200, lr=4.9e-5,
+                 adam_beta2=0.99, adam_eps=1e-8, ortho_form="full", ortho_lambda=1.0 if target else 0.0)
+        if fa_like:
+            p.update(lr=4.3e-5, adam_eps=1e-4)
+        return p
+    # scaling-cifar and anything else
+    p = dict(loss="cross_entropy", reduction="sum", batch_size=256, epochs=200, lr=1.9e-5,
+             adam_beta2=0.999, adam_eps=1e-6, ortho_form="full", ortho_lambda=100.0 if target else 0.0)
+    if fa_like:
+        p.update(lr=2.5e-5, adam_beta2=0.99, adam_eps=1e-4)
+    return p
+
+
+@dataclass
+class Config:
+    task: str = "mnist"
+    arch: str | None = None
+    rule: str = "gait"
+    target_form: str = "difference"
+    backend: str = "numpy"
+    dtype: str = "float32"
+    seed: int = 0
+    epochs: int | None = None
+    max_steps: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    gamma: float | None = None
+    gamma_norm: str = "l2"
+    gamma_sqrt_dim: bool = True
+    ortho_lambda: float | None = None
+    ortho_form: str | None = None
+    loss: str | None = None
+    reduction: str | None = None
+    adam_beta1: float = 0.9
+    adam_beta2: float | None = None
+    adam_eps: float | None = None
+    adam_eps_placement: str = "tf"
+    feedback_init: str = "orthogonal"
+    init: str = "orthogonal"
+    linear: bool = False
+    data: str | None = None
+    out: str | None = None
+    resume: bool = False
+    angles_every: int = 0
+    checkpoint_every: int = 0
+    log_every: int = 50
+    cond_every: int = 100
+    cond_max: float = 1e6
+    eval_subset: int = 0
+    train_subset: int = 0
+    quiet: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def resolved(self) -> "Config":
+        """A copy with every None filled in from the task and the papers' presets."""
+        c = dataclasses.replace(self)
+        if c.arch is None:
+            c.arch = TASK_DEFAULT_ARCH.get(c.task, "mlp-shallow")
+        for k, v in rule_presets(arch_family(c.arch), c.rule).items():
+            if getattr(c, k) is None:
+                setattr(c, k, v)
+        if c.gamma is None:
+            c.gamma = {"gait": 1e-7, "gait-vanilla": 1e-3, "itp": 1e-3}.get(c.rule)
+        return c
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown configuration keys: {', '.join(unknown)}")
+        return cls(**d)

@@ -1,0 +1,107 @@
+#!/usr/bin/env python
+"""gait_ref training CLI. `python run.py --help` lists every option.
+
+    python run.py                                   # GAIT-prop on MNIST (from its package), CPU
+    python run.py --task cifar10 --rule gait --data ~/cifar
+    python run.py --backend cupy --task imagenet --data ~/imagenet-shards-64
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from gait_ref.backend import BACKENDS, BackendError
+from gait_ref.config import Config
+from gait_ref.data import TASKS, DataFormatError
+from gait_ref.rules import RULES
+
+OPTION_KEYS = {
+    "task", "arch", "rule", "target_form", "backend", "dtype", "seed", "epochs", "max_steps", "batch_size",
+    "lr", "gamma", "gamma_norm", "ortho_lambda", "ortho_form", "loss", "adam_beta1", "adam_beta2", "adam_eps",
+    "adam_eps_placement", "data", "out", "resume", "angles_every", "checkpoint_every", "log_every",
+    "eval_subset", "train_subset", "quiet", "linear", "init",
+}
+
+
+def _read_config_file(path: str) -> dict:
+    p = Path(path)
+    text = p.read_text()
+    if p.suffix == ".toml":
+        import tomllib
+        return tomllib.loads(text)
+    if p.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise click.UsageError(f"{path}: reading YAML needs PyYAML (pip install pyyaml); or use TOML") from None
+        return yaml.safe_load(text) or {}
+    raise click.UsageError(f"{path}: config files must be .toml, .yaml or .yml")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--task", type=click.Choice(TASKS), help="Data set (default mnist, from its package).")
+@click.option("--arch", help="Architecture preset: mlp-shallow, mlp-deep, mlp-<W>x<N> (e.g. mlp-784x4), "
+                              "mlp-tower, conv7. Default: the task's.")
+@click.option("--rule", type=click.Choice(RULES), help="Learning rule (default gait: normalized GAIT-prop).")
+@click.option("--target-form", type=click.Choice(["absolute", "difference"]),
+              help="Target recursion of tp/itp/gait: the papers' absolute targets, or the exact difference form.")
+@click.option("--backend", type=click.Choice(BACKENDS), help="numpy (CPU, default) or cupy (GPU).")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), help="Default float32.")
+@click.option("--seed", type=int)
+@click.option("--epochs", type=click.IntRange(min=1))
+@click.option("--max-steps", type=click.IntRange(min=1), help="Stop after this many training steps.")
+@click.option("--batch-size", type=int)
+@click.option("--lr", type=float, help="Adam learning rate.")
+@click.option("--gamma", type=float, help="GAIT-prop/ITP incremental factor (gamma0 for normalized gait).")
+@click.option("--gamma-norm", type=click.Choice(["l2", "squared"]), help="Normalized GAIT-prop distance norm.")
+@click.option("--ortho-lambda", type=float, help="Orthogonality regulariser strength.")
+@click.option("--ortho-form", type=click.Choice(["full", "offdiag"]))
+@click.option("--loss", type=click.Choice(["cross_entropy", "mse"]))
+@click.option("--adam-beta1", type=float)
+@click.option("--adam-beta2", type=float)
+@click.option("--adam-eps", type=float)
+@click.option("--adam-eps-placement", type=click.Choice(["tf", "hat"]))
+@click.option("--init", type=click.Choice(["orthogonal", "glorot", "normal"]))
+@click.option("--linear", is_flag=True, default=None, help="Identity activations (NeurIPS Fig. 2C).")
+@click.option("--data", type=click.Path(), help="Folder with the data files the task needs.")
+@click.option("--out", type=click.Path(), help="Run folder: config.json, metrics.jsonl, checkpoints.")
+@click.option("--resume", is_flag=True, default=None, help="Continue from OUT/last.h5.")
+@click.option("--angles-every", type=click.IntRange(min=0), help="Measure angles to BP every N steps.")
+@click.option("--checkpoint-every", type=click.IntRange(min=0), help="Also checkpoint every N steps.")
+@click.option("--log-every", type=click.IntRange(min=1), help="Train metrics every N steps.")
+@click.option("--eval-subset", type=click.IntRange(min=0), help="Evaluate on the first N test images only.")
+@click.option("--train-subset", type=click.IntRange(min=0), help="Train on the first N images only.")
+@click.option("--quiet", is_flag=True, default=None, help="No progress output.")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+              help="TOML or YAML file with any of these options (command-line options win).")
+@click.option("--print-config", is_flag=True, help="Print the resolved configuration and exit.")
+def main(config_file, print_config, **opts):
+    """Train a network with BP, FA, DFA, TP, ITP or GAIT-prop."""
+    values = {}
+    if config_file:
+        values.update({k.replace("-", "_"): v for k, v in _read_config_file(config_file).items()})
+    values.update({k: v for k, v in opts.items() if v is not None})
+    try:
+        cfg = Config.from_dict(values).resolved()
+    except (ValueError, TypeError) as e:
+        raise click.UsageError(str(e)) from None
+    if print_config:
+        click.echo(json.dumps(cfg.to_dict(), indent=1))
+        return
+    from gait_ref.architectures import ArchitectureError
+    from gait_ref.train import DivergenceError, Trainer
+    try:
+        Trainer(cfg).run()
+    except (BackendError, DataFormatError, ArchitectureError, DivergenceError, ValueError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted; resume with --resume (from the last checkpoint)", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
