@@ -31,8 +31,8 @@ def save_checkpoint(path, params: dict, opt_state: dict, meta: dict) -> None:
         for k, v in params.items():
             g.create_dataset(k, data=to_numpy(v))
         o = f.create_group("optimizer")
-        for k, v in opt_state.items():
-            o.create_dataset(k, data=np.asarray(v))
+        for k, v in opt_state.items():   # 'm/fc1.W' would make nested groups: escape '/'
+            o.create_dataset(k.replace("/", "::"), data=np.asarray(v))
         f.attrs["meta"] = json.dumps(meta)
         f.attrs["complete"] = True
     if path.exists():
@@ -50,7 +50,7 @@ def load_checkpoint(path):
             if not f.attrs.get("complete", False):
                 raise CheckpointError(f"{path}: incomplete checkpoint")
             params = {k: f["params"][k][()] for k in f["params"]}
-            opt = {k: f["optimizer"][k][()] for k in f["optimizer"]}
+            opt = {k.replace("::", "/"): f["optimizer"][k][()] for k in f["optimizer"]}
             meta = json.loads(f.attrs["meta"])
     except (OSError, KeyError) as e:
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({e}); "

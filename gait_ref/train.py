@@ -201,6 +201,7 @@ class Trainer:
             while self.epoch < cfg.epochs and self.step < max_steps:
                 last = self._run_epoch(max_steps)
                 if self.batch >= per_epoch:  # the epoch finished
+                    last = self._flush_train() or last
                     self.epoch, self.batch = self.epoch + 1, 0
                     self._log_eval(last)
                     self.save()
@@ -209,9 +210,25 @@ class Trainer:
             raise DivergenceError(msg + ("; the last good checkpoint is kept in " + str(self.out / "last.h5")
                                          if self.out else "")) from None
         if self.batch:  # stopped mid-epoch by --max-steps
-            self._log_eval(last)
+            # checkpoint first: a resumed run drops the end-of-run records below and goes
+            # on exactly as an uninterrupted run would
             self.save()
+            last = self._flush_train() or last
+            self._log_eval(last)
         return self
+
+    def _flush_train(self, extra=None):
+        """Write the train metrics accumulated since the last train record."""
+        acc = self.acc
+        if not acc["steps"]:
+            return None
+        rec = {"epoch": self.epoch, "step": self.step, "split": "train",
+               "loss": acc["loss"] / acc["steps"], "top1": acc["correct"] / acc["n"],
+               "step_time_s": acc["time"] / acc["steps"], "images_per_s": acc["n"] / max(acc["time"], 1e-12)}
+        rec.update(extra or {})
+        self.log(rec)
+        self.acc = _fresh_acc()
+        return rec
 
     def _log_eval(self, last_train):
         rec = {"epoch": self.epoch, "step": self.step, "split": "test", **self.evaluate()}
@@ -250,14 +267,9 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss / (n if cfg.reduction == 'sum' else 1):.3f}", refresh=False)
                 if self.invertible and cfg.cond_every and self.step % cfg.cond_every == 0:
                     self.check_conditioning()
-                if extra or self.step % cfg.log_every == 0 or self.step >= max_steps:
-                    rec = {"epoch": self.epoch, "step": self.step, "split": "train",
-                           "loss": acc["loss"] / acc["steps"], "top1": acc["correct"] / acc["n"],
-                           "step_time_s": acc["time"] / acc["steps"], "images_per_s": acc["n"] / acc["time"]}
-                    rec.update(extra)
-                    self.log(rec)
-                    last = rec
-                    acc = self.acc = _fresh_acc()
+                if extra or self.step % cfg.log_every == 0:
+                    last = self._flush_train(extra)
+                    acc = self.acc
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save()
                 if self.step >= max_steps:

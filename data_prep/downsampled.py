@@ -1,0 +1,78 @@
+"""Pack the downsampled ImageNet pickles of Chrabaszcz et al. (2017).
+
+    SRC/train_data_batch_1 .. train_data_batch_10, SRC/val_data
+    (optionally SRC/map_clsloc.txt: "<wnid> <1-based index> <name>" lines)
+
+Each pickle holds 'data': uint8 (N, 3 * S * S) planar RGB (all R, then G, then B,
+each row-major) and 'labels': 1..1000. Images become NHWC uint8, labels 0-based.
+"""
+from __future__ import annotations
+
+import math
+import pickle
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from .common import assemble_manifest, pack_shard, run_jobs, sidecar, write_report
+from .imagenet_tree import PrepError
+
+
+def read_batch(path: Path):
+    if not path.exists():
+        raise PrepError(f"{path}: missing downsampled ImageNet batch")
+    try:
+        with open(path, "rb") as f:
+            d = pickle.load(f)
+        x = np.asarray(d["data"], np.uint8)
+        y = np.asarray(d["labels"], np.int64)
+    except Exception as e:
+        raise PrepError(f"{path}: not a downsampled ImageNet pickle ({type(e).__name__}: {e})") from None
+    S = math.isqrt(x.shape[1] // 3) if x.ndim == 2 else 0
+    if x.ndim != 2 or 3 * S * S != x.shape[1] or len(y) != len(x):
+        raise PrepError(f"{path}: data {x.shape}, labels {y.shape}; expected (N, 3*S*S) and (N,)")
+    if y.min() < 1 or y.max() > 1000:
+        raise PrepError(f"{path}: labels span {y.min()}..{y.max()}, expected 1..1000")
+    return x.reshape(-1, 3, S, S).transpose(0, 2, 3, 1), y - 1        # planar -> NHWC, 0-based
+
+
+def _pack_job(job, dst, compression):
+    name, path, lo, hi = job
+    x, y = read_batch(Path(path))
+    return pack_shard(dst, name, np.ascontiguousarray(x[lo:hi]), y[lo:hi], [], compression)
+
+
+def pack_downsampled(src, dst, shard_size=10000, workers=2, compression=None, quiet=False) -> dict:
+    src, dst = Path(src), Path(dst)
+    train = [src / f"train_data_batch_{i}" for i in range(1, 11)]
+    missing = [p.name for p in train + [src / "val_data"] if not p.exists()]
+    if missing:
+        raise PrepError(f"{src}: missing {', '.join(missing)} (the pickles from image-net.org's "
+                        "'Downsampled ImageNet 32x32/64x64')")
+    dst.mkdir(parents=True, exist_ok=True)
+    split_shards, jobs, S = {}, [], None
+    for split, files in (("train", train), ("val", [src / "val_data"])):
+        names = []
+        for f in files:
+            x, _ = read_batch(f)                       # sizes (cheap next to the packing itself)
+            S = S or x.shape[1]
+            for k, lo in enumerate(range(0, len(x), shard_size)):
+                name = f"{split}-{f.name}-{k:03d}.h5"
+                names.append(name)
+                if not sidecar(dst, name).exists():
+                    jobs.append((name, str(f), lo, min(lo + shard_size, len(x))))
+        split_shards[split] = names
+    run_jobs(partial(_pack_job, dst=dst, compression=compression), jobs, workers, "packing", quiet)
+    names = {}
+    cmap = src / "map_clsloc.txt"
+    if cmap.exists():
+        for line in cmap.read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 3:
+                names[int(parts[1]) - 1] = [parts[0], parts[2]]
+    classes = [names.get(i, [f"class_{i}", f"class_{i}"]) for i in range(1000)]
+    out = assemble_manifest(dst, split_shards, (S, S, 3), classes,
+                            {"source": str(src), "resize": "box (Chrabaszcz et al. 2017)", "size": S})
+    write_report(dst, out["report"], quiet)
+    return out

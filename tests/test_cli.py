@@ -1,0 +1,183 @@
+"""run.py end to end: every task on tiny runs, bit-exact resume, error paths, angles."""
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from gait_ref.data.cifar import write_cifar_batch
+from gait_ref.data.idx import write_idx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from run import main  # noqa: E402
+
+
+def run_cli(*args):
+    res = CliRunner().invoke(main, [str(a) for a in args] + ["--quiet"], catch_exceptions=False)
+    return res
+
+
+def records(out):
+    return [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def cifar_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cifar") / "cifar-10-batches-py"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        write_cifar_batch(d / name, rng.integers(0, 256, (64, 3072)), rng.integers(0, 10, 64))
+    return d.parent
+
+
+@pytest.fixture(scope="module")
+def kmnist_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("kmnist")
+    rng = np.random.default_rng(1)
+    for split, n in (("train", 120), ("t10k", 40)):
+        write_idx(d / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(d / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
+    return d
+
+
+@pytest.fixture(scope="module")
+def imagenet_dir(tmp_path_factory):
+    from data_prep.imagenet_tree import pack_tree
+    from .test_data_prep import make_tree
+    root = tmp_path_factory.mktemp("imnet")
+    make_tree(root / "src")
+    pack_tree(root / "src", root / "shards", size=32, shard_size=4, workers=1, quiet=True)
+    return root / "shards"
+
+
+@pytest.fixture(scope="module")
+def imagenet32_dir(tmp_path_factory):
+    from data_prep.downsampled import pack_downsampled
+    root = tmp_path_factory.mktemp("im32")
+    rng = np.random.default_rng(2)
+    for name in [f"train_data_batch_{i}" for i in range(1, 11)] + ["val_data"]:
+        with open(root / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 256, (2, 3072)).astype(np.uint8),
+                         "labels": rng.integers(1, 1001, 2).tolist()}, f)
+    pack_downsampled(root, root / "shards", workers=1, quiet=True)
+    return root / "shards"
+
+
+@pytest.mark.parametrize("task,extra", [
+    ("synthetic", ["--rule", "gait"]),
+    ("synthetic", ["--rule", "bp"]),
+    ("mnist", ["--rule", "gait", "--arch", "mlp-tower"]),
+    ("fashion-mnist", ["--rule", "fa", "--arch", "mlp-shallow"]),
+])
+def test_tasks_run(tmp_path, task, extra):
+    out = tmp_path / "run"
+    res = run_cli("--task", task, "--max-steps", 3, "--batch-size", 16, "--eval-subset", 200,
+                  "--out", out, "--angles-every", 2, *extra)
+    assert res.exit_code == 0, res.output
+    recs = records(out)
+    assert [r["step"] for r in recs if r["split"] == "train"] == [1, 3]
+    test = [r for r in recs if r["split"] == "test"][-1]
+    assert {"epoch", "step", "split", "loss", "top1", "top5"} <= set(test)
+    cfg = json.loads((out / "config.json").read_text())
+    layer_names = [line.split()[0] for line in cfg["network"]]
+    assert list(recs[0]["angles_deg"]) == layer_names and recs[0]["angles_deg"][layer_names[-1]] < 1e-3
+    assert cfg["config"]["task"] == task and cfg["backend"] == "numpy" and "numpy" in cfg
+    assert (out / "last.h5").exists()
+
+
+def test_user_data_tasks(tmp_path, cifar_dir, kmnist_dir, imagenet_dir, imagenet32_dir):
+    for task, d, rule in (("cifar10", cifar_dir, "gait"), ("kmnist", kmnist_dir, "bp"),
+                          ("imagenet", imagenet_dir, "gait"), ("imagenet32", imagenet32_dir, "fa")):
+        out = tmp_path / task
+        res = run_cli("--task", task, "--data", d, "--rule", rule, "--max-steps", 2, "--batch-size", 4,
+                      "--out", out, "--angles-every", 1)
+        assert res.exit_code == 0, (task, res.output)
+        recs = records(out)
+        assert recs[-1]["split"] == "test" and recs[-1]["step"] == 2
+        if rule == "gait":
+            assert max(recs[0]["angles_deg"].values()) < 1.0
+
+
+def test_resume_is_bit_exact(tmp_path):
+    common = ["--task", "synthetic", "--rule", "gait", "--batch-size", 50, "--log-every", 3,
+              "--angles-every", 4, "--epochs", 3]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_cli(*common, "--max-steps", 170, "--out", a).exit_code == 0
+    assert run_cli(*common, "--max-steps", 97, "--checkpoint-every", 40, "--out", b).exit_code == 0
+    assert run_cli(*common, "--max-steps", 170, "--out", b, "--resume").exit_code == 0
+    ra, rb = records(a), records(b)
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("step_time_s", "images_per_s")} for r in rs]
+    assert len(ra) == len(rb) and strip(ra) == strip(rb)
+    assert any(r["split"] == "test" and r["epoch"] == 2 for r in ra)   # crossed an epoch boundary
+
+
+def test_corrupt_checkpoint_gives_clear_error(tmp_path):
+    out = tmp_path / "r"
+    assert run_cli("--task", "synthetic", "--max-steps", 2, "--out", out).exit_code == 0
+    (out / "last.h5").write_bytes(b"garbage")
+    res = run_cli("--task", "synthetic", "--max-steps", 4, "--out", out, "--resume")
+    assert res.exit_code == 2 and "corrupt or truncated checkpoint" in res.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--task", "cifar10"], "task cifar10 needs --data DIR with cifar-10-batches-py"),
+    (["--task", "imagenet", "--data", "/nonexistent"], "--data /nonexistent: no such folder"),
+    (["--batch-size", "0", "--task", "synthetic"], "--batch-size must be >= 1"),
+    (["--rule", "gait", "--arch", "bartunov-mlp", "--task", "synthetic"], "no exact-inverse version"),
+    (["--arch", "resnet50", "--task", "synthetic"], "unknown architecture 'resnet50'"),
+    (["--backend", "cupy", "--task", "synthetic"], "cupy"),
+])
+def test_error_paths_are_one_line(args, message):
+    from gait_ref.backend import cupy_available
+    if "cupy" in args and cupy_available():
+        pytest.skip("a GPU is present")
+    res = run_cli(*args, "--max-steps", 1)
+    assert res.exit_code == 2
+    assert message in res.output
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_unknown_task_is_a_usage_error():
+    res = CliRunner().invoke(main, ["--task", "svhn"])
+    assert res.exit_code == 2 and "Invalid value for '--task'" in res.output
+
+
+def test_print_config_and_config_file(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('task = "cifar10"\nrule = "gait-vanilla"\nlr = 0.5\n')
+    res = CliRunner().invoke(main, ["--config", str(f), "--lr", "0.25", "--print-config"])
+    cfg = json.loads(res.output)
+    assert cfg["lr"] == 0.25 and cfg["rule"] == "gait-vanilla" and cfg["arch"] == "mlp-shallow"
+    assert cfg["gamma"] == 1e-3 and cfg["ortho_lambda"] == 100.0 and cfg["batch_size"] == 256
+    f.write_text('tsk = "x"\n')
+    res = CliRunner().invoke(main, ["--config", str(f), "--print-config"])
+    assert res.exit_code == 2 and "unknown configuration keys: tsk" in res.output
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_deep_mlp_angles_below_one_degree_at_start(tmp_path, dtype, cifar_dir):
+    """The issue's acceptance command, on Fashion-MNIST and on CIFAR-10 official-format files."""
+    for task, data in (("fashion-mnist", None), ("cifar10", cifar_dir)):
+        out = tmp_path / f"{task}-{dtype}"
+        args = ["--task", task, "--arch", "mlp-deep", "--rule", "gait", "--max-steps", 20, "--out", out,
+                "--angles-every", 5, "--dtype", dtype, "--eval-subset", 100, "--batch-size", 64]
+        res = run_cli(*args, *(["--data", data] if data else []))
+        assert res.exit_code == 0, res.output
+        first = [r for r in records(out) if "angles_deg" in r][0]
+        assert first["step"] == 1 and len(first["angles_deg"]) == 7
+        assert max(first["angles_deg"].values()) < 1.0, first["angles_deg"]
+
+
+def test_run_py_as_a_script(tmp_path):
+    """`python run.py ...` as a user types it (a subprocess, not click's runner)."""
+    res = subprocess.run([sys.executable, "run.py", "--task", "synthetic", "--max-steps", "2", "--quiet",
+                          "--out", str(tmp_path / "s")], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    res = subprocess.run([sys.executable, "run.py", "--task", "cifar10"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.strip().startswith("error: task cifar10 needs --data DIR")

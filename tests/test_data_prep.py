@@ -1,0 +1,149 @@
+"""data_prep on generated ImageNet-format trees of real JPEG files."""
+import json
+import pickle
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from data_prep.__main__ import cli
+from data_prep.downsampled import pack_downsampled
+from data_prep.imagenet_tree import PrepError, pack_tree
+from gait_ref.data import ShardSet
+from gait_ref.data.shards import sha256_file
+
+
+def _photo(rng, w, h):
+    """A smooth image (JPEG-friendly) with some texture."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (w + h)], -1)
+    return np.clip(base + rng.normal(0, 10, base.shape), 0, 255).astype(np.uint8)
+
+
+def make_tree(root, val="folders"):
+    rng = np.random.default_rng(0)
+    spec = {"n02000001": [("a.JPEG", (40, 30), "RGB"), ("b.JPEG", (25, 50), "RGB"), ("c.JPEG", (30, 30), "L")],
+            "n01000002": [("d.JPEG", (33, 21), "CMYK"), ("e.JPEG", (20, 20), "RGB"), ("f.JPEG", (20, 20), "corrupt")]}
+    files = {}
+    for wnid, items in spec.items():
+        (root / "train" / wnid).mkdir(parents=True)
+        for name, (w, h), mode in items:
+            p = root / "train" / wnid / name
+            im = Image.fromarray(_photo(rng, w, h))
+            if mode == "corrupt":
+                im.save(p, quality=90)
+                p.write_bytes(p.read_bytes()[:300])     # truncated JPEG
+            else:
+                im.convert(mode).save(p, quality=90)
+            files[str(p)] = wnid
+    (root / "val").mkdir()
+    for i, wnid in enumerate(sorted(spec)):
+        if val == "folders":
+            (root / "val" / wnid).mkdir()
+            p = root / "val" / wnid / f"v{i}.JPEG"
+        else:
+            p = root / "val" / f"ILSVRC2012_val_{i:08d}.JPEG"
+        Image.fromarray(_photo(rng, 36, 28)).save(p, quality=90)
+        files[str(p)] = wnid
+    if val == "flat":
+        (root / "val_labels.txt").write_text("".join(f"ILSVRC2012_val_{i:08d}.JPEG {w}\n"
+                                                     for i, w in enumerate(sorted(spec))))
+    (root / "LOC_synset_mapping.txt").write_text("n01000002 goldfish\nn02000001 great white shark\n")
+    return files
+
+
+def direct(path, size):
+    """The oracle: decode with PIL, convert to RGB, shorter side to size (bicubic), centre crop."""
+    im = Image.open(path).convert("RGB")
+    w, h = im.size
+    s = size / min(w, h)
+    nw, nh = max(size, round(w * s)), max(size, round(h * s))
+    im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+    l, t = (nw - size) // 2, (nh - size) // 2
+    return np.asarray(im.crop((l, t, l + size, t + size)))
+
+
+def test_pack_tree_round_trip(tmp_path, capsys):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    files = make_tree(src)
+    out = pack_tree(src, dst, size=16, shard_size=2, workers=1)
+    m = json.loads((dst / "manifest.json").read_text())
+    assert m["classes"] == [["n01000002", "goldfish"], ["n02000001", "great white shark"]]
+    assert m["layout"] == "NHWC" and m["image_shape"] == [16, 16, 3]
+    assert sum(e["count"] for e in m["splits"]["train"]) == 5 and sum(e["count"] for e in m["splits"]["val"]) == 2
+    for e in m["splits"]["train"] + m["splits"]["val"]:
+        assert sha256_file(dst / e["file"]) == e["sha256"]
+    # every packed image equals a direct decode + resize of its file, with the right label
+    train = ShardSet(dst, "train")
+    x, y = train.read(np.arange(len(train)))
+    good = [p for p in sorted(files) if "/train/" in p and not p.endswith("f.JPEG")]
+    order = sorted(good, key=lambda p: (sorted(set(files.values())).index(files[p]), p))
+    for i, p in enumerate(order):
+        np.testing.assert_array_equal(x[i].transpose(1, 2, 0), direct(p, 16))
+        assert y[i] == sorted(set(files.values())).index(files[p])
+    # bad inputs are reported, never silently dropped
+    log = (dst / "prep_log.txt").read_text()
+    assert "skipped" in log and "f.JPEG" in log
+    assert "mode L converted" in log and "mode CMYK converted" in log
+    assert "skipped" in capsys.readouterr().out
+    assert len([r for r in out["report"] if r["kind"] == "skipped"]) == 1
+
+
+def test_resume_gives_identical_shards_and_skips_finished(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    make_tree(src)
+    pack_tree(src, dst, size=12, shard_size=2, workers=1, quiet=True)
+    before = {p.name: (sha256_file(p), p.stat().st_mtime_ns) for p in dst.glob("*.h5")}
+    # simulate a run killed while writing train-00001: its shard and sidecar are gone,
+    # a temp file is left behind, the manifest was never written
+    (dst / "train-00001.h5").unlink()
+    (dst / "train-00001.h5.json").unlink()
+    (dst / "manifest.json").unlink()
+    (dst / "train-00001.h5.tmp").write_bytes(b"partial")
+    pack_tree(src, dst, size=12, shard_size=2, workers=2, quiet=True)
+    after = {p.name: (sha256_file(p), p.stat().st_mtime_ns) for p in dst.glob("*.h5")}
+    assert {k: v[0] for k, v in after.items()} == {k: v[0] for k, v in before.items()}
+    for name in before:
+        if name != "train-00001.h5":
+            assert after[name][1] == before[name][1]      # finished shards were not redone
+    assert (dst / "manifest.json").exists()
+
+
+def test_flat_val_with_labels_file_and_errors(tmp_path):
+    src = tmp_path / "src"
+    make_tree(src, val="flat")
+    with pytest.raises(PrepError, match="needs --val-labels"):
+        pack_tree(src, tmp_path / "a", size=8, workers=1, quiet=True)
+    with pytest.raises(PrepError, match="nope.txt: validation labels file not found"):
+        pack_tree(src, tmp_path / "a", size=8, workers=1, quiet=True, val_labels=src / "nope.txt")
+    pack_tree(src, tmp_path / "b", size=8, workers=1, quiet=True, val_labels=src / "val_labels.txt")
+    val = ShardSet(tmp_path / "b", "val")
+    assert sorted(val.read(np.arange(2))[1].tolist()) == [0, 1]
+    (src / "train" / "n03000003").mkdir()
+    with pytest.raises(PrepError, match="n03000003: empty class folder"):
+        pack_tree(src, tmp_path / "c", size=8, workers=1, quiet=True, val_labels=src / "val_labels.txt")
+
+
+def test_downsampled_pickles(tmp_path):
+    rng = np.random.default_rng(5)
+    S = 8
+    raw = {}
+    for name in [f"train_data_batch_{i}" for i in range(1, 11)] + ["val_data"]:
+        data = rng.integers(0, 256, (3, 3 * S * S)).astype(np.uint8)
+        labels = rng.integers(1, 1001, 3).tolist()
+        with open(tmp_path / name, "wb") as f:
+            pickle.dump({"data": data, "labels": labels, "mean": np.zeros(3 * S * S)}, f)
+        raw[name] = (data, labels)
+    dst = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["downsampled", str(tmp_path), str(dst), "--workers", "1", "--quiet"])
+    assert res.exit_code == 0, res.output
+    train = ShardSet(dst, "train")
+    assert len(train) == 30 and train.in_shape == (3, S, S) and train.n_classes == 1000
+    x, y = train.read(np.arange(3))
+    d, lab = raw["train_data_batch_1"]
+    np.testing.assert_array_equal(x, d.reshape(3, 3, S, S))            # planar RGB -> (C, H, W)
+    np.testing.assert_array_equal(y, np.asarray(lab) - 1)              # 1-based -> 0-based
+    (tmp_path / "val_data").unlink()
+    res = CliRunner().invoke(cli, ["downsampled", str(tmp_path), str(tmp_path / "o2"), "--quiet"])
+    assert res.exit_code == 2 and "missing val_data" in res.output
