@@ -83,12 +83,17 @@ class Trainer:
         self.out = Path(cfg.out) if cfg.out else None
         self.metrics_lines = 0
         self.acc = _fresh_acc()  # train metrics accumulated since the last train record
+        self.wall_before, self.t_start = 0.0, time.perf_counter()  # wall time, across resumes
 
     # ---- bookkeeping ----------------------------------------------------------------------
     def _meta(self):
         return {"step": self.step, "epoch": self.epoch, "batch": self.batch, "acc": self.acc,
+                "wall_time_s": self.wall_time(),
                 "metrics_lines": self.metrics_lines, "rng": self.rng.bit_generator.state,
                 "config": self.cfg.to_dict()}
+
+    def wall_time(self) -> float:
+        return self.wall_before + time.perf_counter() - self.t_start
 
     def save(self):
         if self.out:
@@ -101,6 +106,7 @@ class Trainer:
         self.step, self.epoch, self.batch = meta["step"], meta["epoch"], meta["batch"]
         self.rng.bit_generator.state = meta["rng"]
         self.acc = meta["acc"]
+        self.wall_before = meta["wall_time_s"]
         self.metrics_lines = meta["metrics_lines"]
         path = self.out / "metrics.jsonl"
         lines = path.read_text().splitlines(keepends=True) if path.exists() else []
@@ -231,7 +237,8 @@ class Trainer:
         return rec
 
     def _log_eval(self, last_train):
-        rec = {"epoch": self.epoch, "step": self.step, "split": "test", **self.evaluate()}
+        rec = {"epoch": self.epoch, "step": self.step, "split": "test", **self.evaluate(),
+               "wall_time_s": self.wall_time()}
         rep = self.check_conditioning()
         if rep:
             rec["ortho_error"] = {k: v["ortho_error"] for k, v in rep.items()}

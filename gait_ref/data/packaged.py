@@ -131,3 +131,32 @@ def load_packaged(name: str, quiet: bool = False):
         shutil.rmtree(dest, ignore_errors=True)
         partial.rename(dest)                          # atomic publish
     return read_idx_dir(dest, SHA256[name])
+
+
+def imagenet_photos(quiet: bool = False) -> Path:
+    """The 20 real, labelled ImageNet photos that PyPI's foolbox 3.3.4 wheel ships
+    (foolbox/data/imagenet_<i>_<class>.jpg, ImageNet-1k class indices), extracted once
+    from the wheel into the cache; foolbox itself is not installed."""
+    import sys
+    import zipfile
+    dest = cache_dir() / "imagenet-photos"
+    if not (dest / ".complete").exists():
+        if not quiet:
+            print(f"fetching the foolbox 3.3.4 wheel's ImageNet photos into {dest} (once)", flush=True)
+        partial = dest.with_name(dest.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            _run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+                  "-d", tmp, "foolbox==3.3.4"], tmp)
+            wheel = next(Path(tmp).glob("foolbox-3.3.4-*.whl"))
+            with zipfile.ZipFile(wheel) as z:
+                for name in z.namelist():
+                    if name.startswith("foolbox/data/imagenet_") and name.endswith(".jpg"):
+                        (partial / Path(name).name).write_bytes(z.read(name))
+        if len(list(partial.glob("imagenet_*.jpg"))) != 20:
+            raise DataFormatError(f"{partial}: expected 20 ImageNet photos in the foolbox wheel")
+        (partial / ".complete").touch()
+        shutil.rmtree(dest, ignore_errors=True)
+        partial.rename(dest)
+    return dest

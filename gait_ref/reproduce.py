@@ -1,0 +1,215 @@
+"""Regenerate the results tables of docs/RESULTS.md.
+
+    python -m gait_ref.reproduce run neurips|depth|imagenet20 [--quick] [--jobs 2] [--root runs]
+    python -m gait_ref.reproduce report [--root runs] [--docs docs]
+
+``run`` trains every run of a table through run.py (one subprocess per run, resumed
+if it was interrupted, skipped if finished); ``report`` reads the runs' metrics.jsonl
+and writes the tables (markdown) and figures. ``--quick`` runs the same pipeline for a
+few steps on small batches (it is in the test suite).
+
+Tables
+  neurips     GAIT-prop NeurIPS 2020 Fig. 2A/B/C and Fig. 3: MNIST and Fashion-MNIST, the
+              784-wide MLP with 4 hidden layers, BP / TP / GAIT-prop (vanilla, as in that
+              paper), the linear network (no regulariser), the reducing-width network.
+  depth       scaling paper: shallow and deep 1024-wide MLPs on Fashion-MNIST, BP / FA /
+              vanilla GP / normalized GP, angles to BP during training, and normalized GP in
+              float64 beside float32.
+  imagenet20  the 20 real ImageNet photos of the foolbox wheel, packed by data_prep into
+              64 px shards, trained by the 7-conv GP network (and BP), angles to BP.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import click
+
+ROOT = Path(__file__).resolve().parents[1]
+
+NEURIPS_EPOCHS = 3
+DEPTH_EPOCHS = 20
+FLOAT64_EPOCHS = 5   # the float64 twin of the deep normalized-GP run, for the precision comparison
+IMAGENET20_EPOCHS = 60
+
+
+def table_runs(table: str, quick: bool, root: Path) -> dict:
+    """{run name: run.py arguments} for one table."""
+    runs = {}
+    if table == "neurips":
+        for task in ("mnist", "fashion-mnist"):
+            for rule in ("bp", "tp", "gait-vanilla"):
+                runs[f"{task}-784x4-{rule}"] = ["--task", task, "--arch", "mlp-784x4", "--rule", rule,
+                                                "--epochs", NEURIPS_EPOCHS]
+        for rule in ("bp", "tp", "gait-vanilla"):
+            runs[f"mnist-linear-{rule}"] = ["--task", "mnist", "--arch", "mlp-784x4", "--rule", rule, "--linear",
+                                            "--ortho-lambda", 0, "--epochs", NEURIPS_EPOCHS]
+            runs[f"mnist-tower-{rule}"] = ["--task", "mnist", "--arch", "mlp-tower", "--rule", rule,
+                                           "--epochs", NEURIPS_EPOCHS]
+    elif table == "depth":
+        for arch in ("mlp-deep", "mlp-shallow"):
+            for rule in ("bp", "fa", "gait-vanilla", "gait"):
+                runs[f"{arch}-{rule}"] = ["--task", "fashion-mnist", "--arch", arch, "--rule", rule,
+                                          "--epochs", DEPTH_EPOCHS, "--angles-every", 100]
+        runs["mlp-deep-gait-float64"] = ["--task", "fashion-mnist", "--arch", "mlp-deep", "--rule", "gait",
+                                         "--dtype", "float64", "--epochs", FLOAT64_EPOCHS, "--angles-every", 100]
+    elif table == "imagenet20":
+        shards = root / "imagenet20" / "shards"
+        for rule in ("gait", "bp"):
+            runs[f"conv7-{rule}"] = ["--task", "imagenet", "--data", shards, "--rule", rule, "--batch-size", 10,
+                                     "--epochs", IMAGENET20_EPOCHS, "--angles-every", 4, "--lr", 1e-3]
+    else:
+        raise click.UsageError(f"unknown table {table!r}; choose neurips, depth or imagenet20")
+    if quick:
+        for args in runs.values():
+            i = args.index("--epochs")
+            args[i + 1] = 1
+            args += ["--max-steps", 6, "--eval-subset", 200, "--angles-every", 3, "--log-every", 3]
+            if "--batch-size" not in args:
+                args += ["--batch-size", 32]
+    return runs
+
+
+def prepare_imagenet20(root: Path, quiet: bool) -> None:
+    """Pack the foolbox photos as an ImageNet tree: train/ and val/ both hold all 20."""
+    from data_prep.imagenet_tree import pack_tree
+    from .data.packaged import imagenet_photos
+    base = root / "imagenet20"
+    if (base / "shards" / "manifest.json").exists():
+        return
+    photos = imagenet_photos(quiet)
+    for split in ("train", "val"):
+        for p in sorted(photos.glob("imagenet_*.jpg")):
+            cls = f"c{int(p.stem.split('_')[2]):04d}"             # ImageNet-1k class index
+            d = base / "tree" / split / cls
+            d.mkdir(parents=True, exist_ok=True)
+            if not (d / p.name).exists():
+                os.symlink(p, d / p.name)
+    pack_tree(base / "tree", base / "shards", size=64, shard_size=8, workers=1, quiet=quiet)
+
+
+def finished(out: Path, args) -> bool:
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return False
+    recs = [json.loads(l) for l in path.read_text().splitlines()]
+    tests = [r for r in recs if r["split"] == "test"]
+    if not tests:
+        return False
+    a = [str(x) for x in args]
+    if "--max-steps" in a:
+        return tests[-1]["step"] >= int(a[a.index("--max-steps") + 1])
+    return tests[-1]["epoch"] >= int(a[a.index("--epochs") + 1])
+
+
+def run_one(name, args, out: Path, threads: int, quiet: bool):
+    if finished(out, args):
+        return name, "done already"
+    cmd = [sys.executable, str(ROOT / "run.py"), *map(str, args), "--out", str(out), "--quiet"]
+    if (out / "last.h5").exists():
+        cmd.append("--resume")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads))
+    if not quiet:
+        print("$ " + " ".join(cmd[1:]), flush=True)
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"run {name} failed: {res.stderr.strip()[-500:]}")
+    return name, "ok"
+
+
+@click.group()
+def cli():
+    """Regenerate docs/RESULTS.md."""
+
+
+@cli.command()
+@click.argument("table")
+@click.option("--quick", is_flag=True, help="A few steps per run: checks the pipeline, not the science.")
+@click.option("--root", default="runs", show_default=True, type=click.Path())
+@click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1), help="Runs in parallel.")
+@click.option("--threads", default=0, type=click.IntRange(min=0), help="BLAS threads per run (0: cores / jobs).")
+@click.option("--only", help="Comma-separated run names.")
+@click.option("--quiet", is_flag=True)
+def run(table, quick, root, jobs, threads, only, quiet):
+    """Train every run of TABLE (neurips, depth, imagenet20)."""
+    root = Path(root) / ("quick" if quick else "")
+    if table == "imagenet20":
+        prepare_imagenet20(root, quiet)
+    runs = table_runs(table, quick, root)
+    if only:
+        runs = {k: v for k, v in runs.items() if k in only.split(",")}
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    with ThreadPoolExecutor(jobs) as pool:
+        futs = [pool.submit(run_one, n, a, root / table / n, threads, quiet) for n, a in runs.items()]
+        for f in futs:
+            name, status = f.result()
+            if not quiet:
+                print(f"{name}: {status}", flush=True)
+
+
+def summarize(out: Path) -> dict | None:
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return None
+    recs = [json.loads(l) for l in path.read_text().splitlines()]
+    tests = [r for r in recs if r["split"] == "test"]
+    trains = [r for r in recs if r["split"] == "train"]
+    if not tests:
+        return None
+    angles = [r for r in recs if "angles_deg" in r]
+    cfg = json.loads((out / "config.json").read_text())
+    s = {"test_top1": tests[-1]["top1"], "best_test_top1": max(r["top1"] for r in tests),
+         "train_top1": trains[-1]["top1"] if trains else float("nan"), "epochs": tests[-1]["epoch"],
+         "steps": tests[-1]["step"], "wall_time_s": tests[-1].get("wall_time_s", float("nan")),
+         "dtype": cfg["config"]["dtype"], "backend": cfg["backend"], "seed": cfg["config"]["seed"]}
+    if angles:
+        layers = list(angles[0]["angles_deg"])
+        s["angles_first"] = angles[0]["angles_deg"]
+        late = angles[len(angles) // 2:]
+        s["angles_mean_late"] = {k: sum(r["angles_deg"][k] for r in late) / len(late) for k in layers}
+    return s
+
+
+@cli.command()
+@click.option("--root", default="runs", show_default=True, type=click.Path())
+@click.option("--docs", default="docs", show_default=True, type=click.Path())
+@click.option("--quick", is_flag=True)
+def report(root, docs, quick):
+    """Print each table's markdown and write figures into DOCS/figures."""
+    from .plot import plot_runs
+    root = Path(root) / ("quick" if quick else "")
+    for table in ("neurips", "depth", "imagenet20"):
+        runs = table_runs(table, quick, root)
+        rows = []
+        for name, args in runs.items():
+            s = summarize(root / table / name)
+            if s is None:
+                continue
+            cmd = "python run.py " + " ".join(map(str, args))
+            angles = ""
+            if "angles_mean_late" in s:
+                angles = ", ".join(f"{k} {v:.3g}" for k, v in s["angles_mean_late"].items())
+            rows.append(f"| {name} | {100 * s['test_top1']:.2f} | {100 * s['best_test_top1']:.2f} | "
+                        f"{100 * s['train_top1']:.2f} | {s['epochs']} | {s['wall_time_s'] / 60:.1f} | "
+                        f"{s['dtype']} | {angles} | `{cmd}` |")
+        if not rows:
+            continue
+        click.echo(f"\n### {table}\n")
+        click.echo("| run | final test top-1 % | best test top-1 % | last train top-1 % | epochs | wall min "
+                   "| dtype | mean angle to BP, 2nd half (deg) | command (seed 0) |")
+        click.echo("|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            click.echo(r)
+        done = [root / table / n for n in runs if (root / table / n / "metrics.jsonl").exists()]
+        for group in sorted({n.rsplit("-", 1)[0] if not n.endswith("float64") else "mlp-deep-gait" for n in runs}):
+            members = [d for d in done if d.name.startswith(group)]
+            if members:
+                plot_runs(members, Path(docs) / "figures" / table / group, [d.name for d in members])
+
+
+if __name__ == "__main__":
+    cli()
