@@ -18,13 +18,6 @@ from gait_ref.config import Config
 from gait_ref.data import TASKS, DataFormatError
 from gait_ref.rules import RULES
 
-OPTION_KEYS = {
-    "task", "arch", "rule", "target_form", "backend", "dtype", "seed", "epochs", "max_steps", "batch_size",
-    "lr", "gamma", "gamma_norm", "ortho_lambda", "ortho_form", "loss", "adam_beta1", "adam_beta2", "adam_eps",
-    "adam_eps_placement", "data", "out", "resume", "angles_every", "checkpoint_every", "log_every",
-    "eval_subset", "train_subset", "quiet", "linear", "init",
-}
-
 
 def _read_config_file(path: str) -> dict:
     p = Path(path)
@@ -66,7 +59,11 @@ def _read_config_file(path: str) -> dict:
 @click.option("--adam-eps-placement", type=click.Choice(["tf", "hat"]))
 @click.option("--init", type=click.Choice(["orthogonal", "glorot", "normal"]))
 @click.option("--linear", is_flag=True, default=None, help="Identity activations (NeurIPS Fig. 2C).")
-@click.option("--data", type=click.Path(), help="Folder with the data files the task needs.")
+@click.option("--data", type=click.Path(), help="Folder with the data files the task needs "
+              "(default for user data: $GAIT_REF_DATA/<task> or ~/.cache/gait_ref/<task>).")
+@click.option("--image-size", type=click.IntRange(min=1),
+              help="Train on S x S images, box-downscaled from the stored size (imagenet tasks; "
+                   "default: the size of the shards).")
 @click.option("--out", type=click.Path(), help="Run folder: config.json, metrics.jsonl, checkpoints.")
 @click.option("--resume", is_flag=True, default=None, help="Continue from OUT/last.h5.")
 @click.option("--angles-every", type=click.IntRange(min=0), help="Measure angles to BP every N steps.")

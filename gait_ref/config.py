@@ -88,6 +88,7 @@ class Config:
     init: str = "orthogonal"
     linear: bool = False
     data: str | None = None
+    image_size: int | None = None
     out: str | None = None
     resume: bool = False
     angles_every: int = 0

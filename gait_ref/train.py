@@ -65,7 +65,10 @@ class Trainer:
             idx = np.arange(min(cfg.train_subset, len(train)))
             train = ArraySet(*train.read(idx), self.data.n_classes)
         self.invertible = cfg.rule in TARGET_RULES
-        self.net = build(cfg.arch, self.data.in_shape, self.data.n_classes, self.invertible, linear=cfg.linear)
+        self.train_loader = BatchLoader(train, cfg.batch_size, self.xp, self.dtype, shuffle=True, seed=cfg.seed,
+                                        image_size=cfg.image_size)
+        self.net = build(cfg.arch, self.train_loader.in_shape, self.data.n_classes, self.invertible,
+                         linear=cfg.linear)
         self.net.init(cfg.seed, cfg.init, self.xp, self.dtype)
         self.loss = make_loss(cfg.loss, self.data.n_classes, cfg.reduction)
         self.rule = make_rule(cfg.rule, self.net, seed=cfg.seed, gamma=cfg.gamma, form=cfg.target_form,
@@ -73,11 +76,10 @@ class Trainer:
         self.bp = make_rule("bp", self.net)
         self.opt = Adam(lr=cfg.lr, beta1=cfg.adam_beta1, beta2=cfg.adam_beta2, eps=cfg.adam_eps,
                         eps_placement=cfg.adam_eps_placement)
-        self.train_loader = BatchLoader(train, cfg.batch_size, self.xp, self.dtype, shuffle=True, seed=cfg.seed)
         n_eval = len(test) if not cfg.eval_subset else min(cfg.eval_subset, len(test))
         self.eval_set = test if n_eval == len(test) else _Subset(test, n_eval)
         self.eval_loader = BatchLoader(self.eval_set, min(1000, n_eval), self.xp, self.dtype,
-                                       shuffle=False, drop_last=False)
+                                       shuffle=False, drop_last=False, image_size=cfg.image_size)
         self.rng = np.random.default_rng([cfg.seed, 3])  # for stochastic rules; checkpointed
         self.step, self.epoch, self.batch = 0, 0, 0
         self.out = Path(cfg.out) if cfg.out else None
@@ -124,7 +126,7 @@ class Trainer:
     def write_config(self):
         info = {"config": self.cfg.to_dict(), "gait_ref": __version__, "python": platform.python_version(),
                 "numpy": np.__version__, "backend": backend_name(self.xp), "data_source": self.data.source,
-                "n_classes": self.data.n_classes, "in_shape": list(self.data.in_shape),
+                "n_classes": self.data.n_classes, "in_shape": list(self.train_loader.in_shape),
                 "network": self.net.describe().splitlines()}
         if backend_name(self.xp) == "cupy":
             info["cupy"] = self.xp.__version__

@@ -126,7 +126,7 @@ def test_corrupt_checkpoint_gives_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--task", "cifar10"], "task cifar10 needs --data DIR with cifar-10-batches-py"),
+    (["--task", "cifar10"], "task cifar10 needs --data DIR"),
     (["--task", "imagenet", "--data", "/nonexistent"], "--data /nonexistent: no such folder"),
     (["--batch-size", "0", "--task", "synthetic"], "--batch-size must be >= 1"),
     (["--rule", "gait", "--arch", "bartunov-mlp", "--task", "synthetic"], "no exact-inverse version"),
@@ -181,3 +181,58 @@ def test_run_py_as_a_script(tmp_path):
     assert res.returncode == 0, res.stderr
     res = subprocess.run([sys.executable, "run.py", "--task", "cifar10"], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.strip().startswith("error: task cifar10 needs --data DIR")
+
+
+def test_divergence_stops_with_a_clear_message(tmp_path):
+    out = tmp_path / "d"
+    res = run_cli("--task", "synthetic", "--rule", "bp", "--lr", "1e30", "--max-steps", 50, "--out", out,
+                  "--log-every", 1, "--adam-eps", "1e-30", "--checkpoint-every", 1)
+    assert res.exit_code == 2 and "step" in res.output and ("non-finite" in res.output or "loss is" in res.output)
+    assert (out / "last.h5").exists()            # the last good checkpoint is kept
+    res = run_cli("--task", "synthetic", "--rule", "gait", "--max-steps", 3, "--out", tmp_path / "s")
+    assert res.exit_code == 0
+    from gait_ref.config import Config
+    from gait_ref.train import DivergenceError, Trainer
+    t = Trainer(Config(task="synthetic", rule="gait", max_steps=2, cond_max=1.0 + 1e-9, quiet=True))
+    with pytest.raises(DivergenceError, match=r"layer fc\d is \(nearly\) singular, condition number"):
+        t.run()
+
+
+def test_image_size_downscales_shards(tmp_path, imagenet_dir):
+    out = tmp_path / "small"
+    res = run_cli("--task", "imagenet", "--data", imagenet_dir, "--rule", "bp", "--image-size", 16,
+                  "--max-steps", 1, "--batch-size", 4, "--out", out)
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "config.json").read_text())["in_shape"] == [3, 16, 16]
+    res = run_cli("--task", "imagenet", "--data", imagenet_dir, "--image-size", 20, "--max-steps", 1,
+                  "--batch-size", 4)
+    assert res.exit_code == 2 and "--image-size 20 must divide" in res.output
+
+
+def test_default_data_dir_for_user_data(tmp_path, monkeypatch, imagenet_dir):
+    """`python run.py --task imagenet` (no --data) reads $GAIT_REF_DATA/imagenet."""
+    import shutil
+    monkeypatch.setenv("GAIT_REF_DATA", str(tmp_path))
+    res = run_cli("--task", "imagenet", "--max-steps", 1)
+    assert res.exit_code == 2 and str(tmp_path / "imagenet") in res.output
+    shutil.copytree(imagenet_dir, tmp_path / "imagenet")
+    res = run_cli("--task", "imagenet", "--rule", "bp", "--max-steps", 1, "--batch-size", 4)
+    assert res.exit_code == 0, res.output
+
+
+def test_plot_command(tmp_path):
+    from gait_ref.plot import main as plot_main
+    runs = []
+    for rule in ("gait", "fa"):
+        out = tmp_path / rule
+        assert run_cli("--task", "synthetic", "--rule", rule, "--max-steps", 4, "--angles-every", 2,
+                       "--out", out).exit_code == 0
+        runs.append(str(out))
+    res = CliRunner().invoke(plot_main, runs + ["--out", str(tmp_path / "figs"), "--labels", "GP,FA"])
+    assert res.exit_code == 0, res.output
+    from PIL import Image
+    for name in ("accuracy.png", "angles.png"):
+        with Image.open(tmp_path / "figs" / name) as im:
+            assert im.size[0] > 500
+    res = CliRunner().invoke(plot_main, [str(tmp_path / "nothing"), "--out", str(tmp_path / "f2")])
+    assert res.exit_code == 2 and "no metrics.jsonl" in res.output

@@ -60,11 +60,21 @@ def _synthetic(seed: int = 1234, n_train: int = 4000, n_test: int = 1000):
     return make(n_train), make(n_test)
 
 
+def default_data_dir(task: str) -> Path:
+    """Where a task looks when --data is not given: $GAIT_REF_DATA/<task> (or
+    ~/.cache/gait_ref/<task>); pack or copy the user's files there to run without --data."""
+    from .packaged import cache_dir
+    return cache_dir() / task
+
+
 def load_task(task: str, data_dir=None, quiet: bool = False) -> TaskData:
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     if task in WHERE and data_dir is None:
-        raise MissingDataError(f"task {task} needs --data DIR with {WHERE[task]}")
+        if default_data_dir(task).exists():
+            data_dir = default_data_dir(task)
+        else:
+            raise MissingDataError(f"task {task} needs --data DIR (or {default_data_dir(task)}) with {WHERE[task]}")
     if data_dir is not None and not Path(data_dir).exists():
         raise MissingDataError(f"--data {data_dir}: no such folder" + (f"; {task} needs {WHERE[task]}" if task in WHERE else ""))
     if task in ("imagenet", "imagenet32"):

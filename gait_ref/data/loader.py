@@ -36,17 +36,26 @@ class ArraySet:
 
 class BatchLoader:
     def __init__(self, data, batch_size: int, xp, dtype, shuffle=True, seed=0, drop_last=True,
-                 mean=None, std=None, prefetch: int = 2):
+                 mean=None, std=None, prefetch: int = 2, image_size: int | None = None):
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
         if drop_last and len(data) < batch_size:
-            raise ValueError(f"batch size {batch_size} exceeds the {len(data)} examples with drop_last")
+            raise ValueError(f"--batch-size {batch_size} exceeds the {len(data)} training examples")
         self.data, self.batch_size, self.xp, self.dtype = data, int(batch_size), xp, np.dtype(dtype)
         self.shuffle, self.seed, self.drop_last, self.prefetch = shuffle, int(seed), drop_last, prefetch
-        C = data.in_shape[0]
+        C, H = data.in_shape[0], data.in_shape[-1]
+        if image_size and (len(data.in_shape) != 3 or data.in_shape[1] % image_size or H % image_size):
+            raise ValueError(f"--image-size {image_size} must divide the stored image size "
+                             f"{data.in_shape[1:]} (images are box-downscaled by an integer factor)")
+        self.image_size = image_size if image_size and image_size != H else None
         shape = (1, C, 1, 1)
         self._mean = None if mean is None else to_device(np.asarray(mean, self.dtype).reshape(shape), xp)
         self._std = None if std is None else to_device(np.asarray(std, self.dtype).reshape(shape), xp)
+
+    @property
+    def in_shape(self):
+        C, H, W = self.data.in_shape
+        return (C, self.image_size, self.image_size) if self.image_size else (C, H, W)
 
     def batches_per_epoch(self) -> int:
         n = len(self.data)
@@ -71,6 +80,10 @@ class BatchLoader:
         """uint8 NCHW host batch -> normalised dtype array and labels on the backend."""
         xp = self.xp
         x = to_device(x_u8, xp).astype(self.dtype)
+        if self.image_size:  # box filter by an integer factor f: the mean of each f x f block
+            N, C, H, W = x.shape
+            S = self.image_size
+            x = x.reshape(N, C, S, H // S, S, W // S).mean(axis=(3, 5))
         x *= self.dtype.type(1 / 255)
         if self._mean is not None:
             x -= self._mean
