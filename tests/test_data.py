@@ -40,14 +40,15 @@ def test_idx_roundtrip_and_errors(tmp_path):
         read_idx(tmp_path / "missing.idx")
 
 
-def test_kmnist_task_from_official_format_files(tmp_path):
+def test_kmnist_task_from_official_format_files(tmp_path, monkeypatch):
     """KMNIST ships in no package: the user's IDX .gz files load through --data."""
     data = _mnist_like_dir(tmp_path)
     task = load_task("kmnist", tmp_path)
     assert task.in_shape == (1, 28, 28) and task.n_classes == 10
     np.testing.assert_array_equal(task.train.x[:, 0], data["train-images-idx3-ubyte"])
     np.testing.assert_array_equal(task.test.y, data["t10k-labels-idx1-ubyte"])
-    with pytest.raises(MissingDataError, match="kmnist needs --data DIR with the four KMNIST IDX files"):
+    monkeypatch.setenv("GAIT_REF_DATA", str(tmp_path / "cache"))
+    with pytest.raises(MissingDataError, match=r"kmnist needs --data DIR \(or .*cache/kmnist\) with the four KMNIST"):
         load_task("kmnist")
 
 
