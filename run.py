@@ -50,6 +50,10 @@ def _read_config_file(path: str) -> dict:
 @click.option("--lr", type=float, help="Adam learning rate.")
 @click.option("--gamma", type=float, help="GAIT-prop/ITP incremental factor (gamma0 for normalized gait).")
 @click.option("--gamma-norm", type=click.Choice(["l2", "squared"]), help="Normalized GAIT-prop distance norm.")
+@click.option("--gamma-sqrt-dim/--gamma-no-sqrt-dim", default=None,
+              help="Normalized GAIT-prop: scale gamma0 by sqrt(D_l) (reference code) or not.")
+@click.option("--feedback-init", type=click.Choice(["orthogonal", "normal", "glorot"]),
+              help="FA/DFA feedback matrices (own seed stream).")
 @click.option("--ortho-lambda", type=float, help="Orthogonality regulariser strength.")
 @click.option("--ortho-form", type=click.Choice(["full", "offdiag"]))
 @click.option("--loss", type=click.Choice(["cross_entropy", "mse"]))

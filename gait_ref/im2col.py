@@ -131,13 +131,16 @@ def col2im(cols, g: ConvGeometry, N: int):
 
 
 def rows_to_nchw(m, N: int, Ho: int, Wo: int):
-    """(N * Ho * Wo, C) GEMM output -> (N, C, Ho, Wo)."""
-    xp = get_xp(m)
-    return xp.ascontiguousarray(m.reshape(N, Ho, Wo, -1).transpose(0, 3, 1, 2))
+    """(N * Ho * Wo, C) GEMM output -> (N, C, Ho, Wo), as a transposed view (no copy).
+
+    The result is NCHW-shaped with channels-last memory; elementwise operations keep
+    that memory order, so the next layer's im2col and nchw_to_rows find it contiguous
+    and copy nothing."""
+    return m.reshape(N, Ho, Wo, -1).transpose(0, 3, 1, 2)
 
 
 def nchw_to_rows(h):
-    """(N, C, Ho, Wo) -> (N * Ho * Wo, C), the GEMM layout."""
+    """(N, C, Ho, Wo) -> (N * Ho * Wo, C), the GEMM layout (a copy only when needed)."""
     xp = get_xp(h)
     N, C, Ho, Wo = h.shape
     return xp.ascontiguousarray(h.transpose(0, 2, 3, 1)).reshape(N * Ho * Wo, C)

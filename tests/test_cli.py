@@ -155,6 +155,9 @@ def test_print_config_and_config_file(tmp_path):
     cfg = json.loads(res.output)
     assert cfg["lr"] == 0.25 and cfg["rule"] == "gait-vanilla" and cfg["arch"] == "mlp-shallow"
     assert cfg["gamma"] == 1e-3 and cfg["ortho_lambda"] == 100.0 and cfg["batch_size"] == 256
+    res = CliRunner().invoke(main, ["--rule", "fa", "--feedback-init", "normal", "--gamma-no-sqrt-dim", "--print-config"])
+    cfg = json.loads(res.output)
+    assert cfg["feedback_init"] == "normal" and cfg["gamma_sqrt_dim"] is False
     f.write_text('tsk = "x"\n')
     res = CliRunner().invoke(main, ["--config", str(f), "--print-config"])
     assert res.exit_code == 2 and "unknown configuration keys: tsk" in res.output
