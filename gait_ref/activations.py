@@ -66,16 +66,19 @@ class LeakyReLU:
         return self.deriv(y)
 
     def inverse_difference(self, y, d):
-        """f^-1(y+d) - f^-1(y), exact piecewise: d when both ends are >= 0, d/a when both
-        are < 0; across the kink the two ends are evaluated directly (there |d| >= |y|,
-        so the subtraction does not cancel)."""
+        """f^-1(y+d) - f^-1(y), exact piecewise: d / f'(y) wherever y and y + d lie on the
+        same side of the kink (d when >= 0, d/a when < 0); where they cross it (rare for
+        small d) the two ends are evaluated directly, and there |d| >= |y|, so that
+        subtraction does not cancel."""
         xp = get_xp(y, d)
         a = y.dtype.type(self.slope)
+        pos = y >= 0
+        out = xp.where(pos, d, d / a)
         u = y + d
-        same_pos = (y >= 0) & (u >= 0)
-        same_neg = (y < 0) & (u < 0)
-        across = self.inverse(u) - self.inverse(y)
-        return xp.where(same_pos, d, xp.where(same_neg, d / a, across))
+        cross = pos != (u >= 0)
+        if bool(cross.any()):
+            out[cross] = self.inverse(u[cross]) - self.inverse(y[cross])
+        return out
 
 
 class Tanh:

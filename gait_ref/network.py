@@ -102,20 +102,18 @@ class Network:
         return grads
 
     # ---- exact inverse --------------------------------------------------------------------
-    def inverse_operators(self, first: int = 1):
-        """One factorisation per square layer from ``first`` up (None below it), computed
-        once per step and shared by every inverse in it."""
-        ops = []
-        for l, layer in enumerate(self.layers):
-            if l < first:
-                ops.append(None)
-                continue
+    def check_invertible(self, first: int = 1) -> None:
+        """Raise a ValueError naming the first layer from ``first`` up that is not square."""
+        for layer in self.layers[first:]:
             if not layer.square:
                 raise ValueError(f"layer {layer.name} (W {layer.weight_shape}) is not square, "
                                  "so it has no exact inverse; target rules need square layers "
                                  "above the first")
-            ops.append(layer.inverse_operator())
-        return ops
+
+    def inverse_operators(self, first: int = 1):
+        """One factorisation per square layer from ``first`` up (None below it)."""
+        self.check_invertible(first)
+        return [None if l < first else layer.inverse_operator() for l, layer in enumerate(self.layers)]
 
     def invert_layer(self, l: int, y, tr: Trace, op):
         """g_l^-1(y) = (f^-1(y) - b_l) W_l^-1, auxiliary units from the forward pass (eq. 5)."""

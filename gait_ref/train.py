@@ -141,8 +141,7 @@ class Trainer:
         loss, gy = self.loss.value_and_grad(tr.output, y)
         if not math.isfinite(loss):
             raise DivergenceError(f"step {self.step}: loss is {loss}")
-        ops = net.inverse_operators(first=1) if self.invertible else None
-        grads, info = (self.rule.compute(tr, gy, ops) if self.invertible else self.rule.compute(tr, gy))
+        grads, info = self.rule.compute(tr, gy)
         extra = {}
         if measure_angles:
             bp_grads, _ = self.bp.compute(tr, gy)

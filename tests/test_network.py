@@ -98,3 +98,6 @@ def test_nonsquare_layer_has_no_inverse(xp):
     net.init(0, "orthogonal", xp, np.float64)
     with pytest.raises(ValueError, match="not square"):
         net.inverse_operators()
+    from gait_ref.rules import make_rule
+    with pytest.raises(ValueError, match=r"layer d1 \(W \(7, 5\)\) is not square"):
+        make_rule("gait", net)

@@ -79,6 +79,7 @@ class TargetRule:
             raise ValueError(f"norm must be 'l2' or 'squared', got {norm!r}")
         if mode != "tp" and not gamma > 0:
             raise ValueError(f"gamma must be > 0, got {gamma}")
+        net.check_invertible(first=1)
         self.net, self.mode, self.gamma, self.gamma_mode = net, mode, float(gamma), gamma_mode
         self.form, self.norm, self.sqrt_dim = form, norm, sqrt_dim
         self.name = {"tp": "tp", "itp": "itp", "gait": "gait"}[mode]
@@ -104,11 +105,14 @@ class TargetRule:
 
     # ---- the recursion -----------------------------------------------------------------------
     def compute(self, tr, gy, ops=None):
-        """Per-layer updates on BP's scale, and info (mean target distance per layer)."""
+        """Per-layer updates on BP's scale, and info (mean target distance per layer).
+
+        ``ops``: per-layer inverse operators to reuse; by default each square layer is
+        factorised when the recursion reaches it and released after, so one
+        factorisation is alive at a time."""
         net = self.net
         xp = get_xp(gy)
         L = len(net)
-        ops = net.inverse_operators(first=1) if ops is None else ops
         grads, dist = [None] * L, [None] * L
         yL = tr.ys[-1]
         d = -gy                                   # d_L = t_L - y_L = -dL/dy_L
@@ -124,12 +128,13 @@ class TargetRule:
                 break
             gamma = self._gamma(d)
             eps = self._eps(gamma, fp)
+            op = ops[l] if ops is not None else layer.inverse_operator()
             if self.form == "difference":
                 # d_{l-1} = (f^-1(y + eps d) - f^-1(y)) W^-1, exactly
-                d = layer.inverse_delta(f.inverse_difference(y, eps * d), tr.caches[l], ops[l])
+                d = layer.inverse_delta(f.inverse_difference(y, eps * d), tr.caches[l], op)
             else:
                 # t_{l-1} = g_l^-1((1 - eps) y + eps t), eq. 17
-                t = net.invert_layer(l, (1 - eps) * y + eps * t, tr, ops[l])
+                t = net.invert_layer(l, (1 - eps) * y + eps * t, tr, op)
                 d = t - tr.ys[l - 1]
             if self.mode != "tp":
                 s = s / gamma                        # s_{l-1} = s_l / gamma_l, eq. 21
