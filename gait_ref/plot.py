@@ -50,7 +50,9 @@ def plot_runs(run_dirs, out_dir, labels=None):
     plt.close(fig)
     written.append(out_dir / "accuracy.png")
 
-    with_angles = [(recs, label) for recs, label in zip(runs, labels) if any("angles_deg" in r for r in recs)]
+    # BP's angle to itself is 0 everywhere: such runs get no panel
+    with_angles = [(recs, label) for recs, label in zip(runs, labels)
+                   if any(any(v for v in r.get("angles_deg", {}).values()) for r in recs)]
     if with_angles:
         fig, axes = plt.subplots(1, len(with_angles), figsize=(5 * len(with_angles), 4), squeeze=False)
         for ax, (recs, label) in zip(axes[0], with_angles):
