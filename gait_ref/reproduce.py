@@ -10,8 +10,9 @@ few steps on small batches (it is in the test suite).
 
 Tables
   neurips     GAIT-prop NeurIPS 2020 Fig. 2A/B/C and Fig. 3: MNIST and Fashion-MNIST, the
-              784-wide MLP with 4 hidden layers, BP / TP / GAIT-prop (vanilla, as in that
-              paper), the linear network (no regulariser), the reducing-width network.
+              784-wide MLP with 4 hidden layers (and 1-3 on MNIST, Fig. 2A), BP / TP /
+              GAIT-prop (vanilla, as in that paper), the linear network (no regulariser),
+              the reducing-width network.
   depth       scaling paper: shallow and deep 1024-wide MLPs on Fashion-MNIST, BP / FA /
               vanilla GP / normalized GP, angles to BP during training, and normalized GP in
               float64 beside float32.
@@ -45,6 +46,10 @@ def table_runs(table: str, quick: bool, root: Path) -> dict:
             for rule in ("bp", "tp", "gait-vanilla"):
                 runs[f"{task}-784x4-{rule}"] = ["--task", task, "--arch", "mlp-784x4", "--rule", rule,
                                                 "--epochs", NEURIPS_EPOCHS]
+        for depth in (1, 2, 3):                                # Fig. 2A: depths (4 is above)
+            for rule in ("bp", "tp", "gait-vanilla"):
+                runs[f"mnist-784x{depth}-{rule}"] = ["--task", "mnist", "--arch", f"mlp-784x{depth}", "--rule", rule,
+                                                     "--epochs", NEURIPS_EPOCHS]
         for rule in ("bp", "tp", "gait-vanilla"):
             runs[f"mnist-linear-{rule}"] = ["--task", "mnist", "--arch", "mlp-784x4", "--rule", rule, "--linear",
                                             "--ortho-lambda", 0, "--epochs", NEURIPS_EPOCHS]
