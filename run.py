@@ -54,6 +54,15 @@ def _read_config_file(path: str) -> dict:
               help="Normalized GAIT-prop: scale gamma0 by sqrt(D_l) (reference code) or not.")
 @click.option("--feedback-init", type=click.Choice(["orthogonal", "normal", "glorot"]),
               help="FA/DFA feedback matrices (own seed stream).")
+@click.option("--schedule", type=click.Choice(["parallel", "alternating"]),
+              help="dtp/sdtp/ldrl: train forward and feedback weights every batch, or alternate epochs.")
+@click.option("--inverse-loss", type=click.Choice(["denoising", "noise-preserving"]),
+              help="dtp/sdtp: the feedback (inverse) loss.")
+@click.option("--dtp-alpha", type=float, help="DTP: step size of the penultimate target.")
+@click.option("--dtp-sigma", type=float, help="dtp/sdtp/ldrl: noise std for feedback training.")
+@click.option("--feedback-lr", type=float, help="dtp/sdtp/ldrl: feedback learning rate.")
+@click.option("--ldrl-beta", type=float, help="L-DRL: first target logits - beta dCE/dlogits.")
+@click.option("--ldrl-iters", type=click.IntRange(min=1), help="L-DRL: feedback iterations per batch.")
 @click.option("--ortho-lambda", type=float, help="Orthogonality regulariser strength.")
 @click.option("--ortho-form", type=click.Choice(["full", "offdiag"]))
 @click.option("--loss", type=click.Choice(["cross_entropy", "mse"]))
@@ -80,7 +89,7 @@ def _read_config_file(path: str) -> dict:
               help="TOML or YAML file with any of these options (command-line options win).")
 @click.option("--print-config", is_flag=True, help="Print the resolved configuration and exit.")
 def main(config_file, print_config, **opts):
-    """Train a network with BP, FA, DFA, TP, ITP or GAIT-prop."""
+    """Train a network with BP, FA, DFA, TP, ITP, GAIT-prop, DTP, SDTP or L-DRL."""
     values = {}
     if config_file:
         values.update({k.replace("-", "_"): v for k, v in _read_config_file(config_file).items()})

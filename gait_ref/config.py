@@ -22,6 +22,7 @@ TASK_DEFAULT_ARCH = {"mnist": "mlp-784x4", "fashion-mnist": "mlp-784x4", "kmnist
                      "synthetic": "mlp-64x2"}
 
 TARGET_RULES = ("tp", "itp", "gait-vanilla", "gait")
+DTP_RULES = ("dtp", "sdtp", "ldrl")
 
 
 def arch_family(arch: str) -> str:
@@ -31,6 +32,8 @@ def arch_family(arch: str) -> str:
         return "scaling-cifar"
     if arch == "conv7":
         return "scaling-imagenet"
+    if arch == "bartunov-mlp":
+        return "bartunov"
     return "other"
 
 
@@ -46,6 +49,11 @@ def rule_presets(family: str, rule: str) -> dict:
         if rule == "tp":
             p.update(lr=1e-5, ortho_lambda=1000.0)
         return p
+    if family == "bartunov":
+        # Bartunov et al. give search ranges only (model/inverse Adam lr 1e-5..3e-4,
+        # beta2 0.99/0.999, eps 1e-4..1e-8, alpha 0.01..0.2, sigma 0.01..0.3): values inside them
+        return dict(loss="cross_entropy", reduction="mean", batch_size=100, epochs=50, lr=1e-4,
+                    adam_beta2=0.999, adam_eps=1e-8, ortho_form="full", ortho_lambda=0.0, init="glorot")
     if family == "scaling-imagenet":
         p = dict(loss="cross_entropy", reduction="sum", batch_size=256, epochs=200, lr=4.9e-5,
                  adam_beta2=0.99, adam_eps=1e-8, ortho_form="full", ortho_lambda=1.0 if target else 0.0)
@@ -85,7 +93,14 @@ class Config:
     adam_eps: float | None = None
     adam_eps_placement: str = "tf"
     feedback_init: str = "orthogonal"
-    init: str = "orthogonal"
+    init: str | None = None
+    schedule: str = "parallel"
+    inverse_loss: str = "denoising"
+    dtp_alpha: float = 0.1
+    dtp_sigma: float = 0.1
+    feedback_lr: float | None = None
+    ldrl_beta: float = 0.1
+    ldrl_iters: int = 5
     linear: bool = False
     data: str | None = None
     image_size: int | None = None
@@ -105,10 +120,16 @@ class Config:
         """A copy with every None filled in from the task and the papers' presets."""
         c = dataclasses.replace(self)
         if c.arch is None:
-            c.arch = TASK_DEFAULT_ARCH.get(c.task, "mlp-shallow")
+            c.arch = "bartunov-mlp" if c.rule in DTP_RULES else TASK_DEFAULT_ARCH.get(c.task, "mlp-shallow")
         for k, v in rule_presets(arch_family(c.arch), c.rule).items():
             if getattr(c, k) is None:
                 setattr(c, k, v)
+        if c.init is None:
+            c.init = "orthogonal"
+        if c.feedback_lr is None:  # Adam for DTP/SDTP feedback, SGD with momentum for L-DRL's
+            c.feedback_lr = 1e-2 if c.rule == "ldrl" else 1e-4
+        if c.schedule not in ("parallel", "alternating"):
+            raise ValueError(f"--schedule must be parallel or alternating, got {c.schedule!r}")
         if c.gamma is None:
             c.gamma = {"gait": 1e-7, "gait-vanilla": 1e-3, "itp": 1e-3}.get(c.rule)
         return c

@@ -71,8 +71,12 @@ class Trainer:
                          linear=cfg.linear)
         self.net.init(cfg.seed, cfg.init, self.xp, self.dtype)
         self.loss = make_loss(cfg.loss, self.data.n_classes, cfg.reduction)
+        dtp = dict(alpha=cfg.dtp_alpha, beta=cfg.ldrl_beta, sigma=cfg.dtp_sigma, inverse_loss=cfg.inverse_loss,
+                   feedback_lr=cfg.feedback_lr, ldrl_iters=cfg.ldrl_iters)
         self.rule = make_rule(cfg.rule, self.net, seed=cfg.seed, gamma=cfg.gamma, form=cfg.target_form,
-                              norm=cfg.gamma_norm, sqrt_dim=cfg.gamma_sqrt_dim, feedback_init=cfg.feedback_init)
+                              norm=cfg.gamma_norm, sqrt_dim=cfg.gamma_sqrt_dim, feedback_init=cfg.feedback_init,
+                              n_classes=self.data.n_classes, dtp_options=dtp)
+        self.learned_feedback = hasattr(self.rule, "feedback_step")
         self.bp = make_rule("bp", self.net)
         self.opt = Adam(lr=cfg.lr, beta1=cfg.adam_beta1, beta2=cfg.adam_beta2, eps=cfg.adam_eps,
                         eps_placement=cfg.adam_eps_placement)
@@ -99,12 +103,17 @@ class Trainer:
 
     def save(self):
         if self.out:
-            save_checkpoint(self.out / "last.h5", self.net.parameters(), self.opt.state_dict(), self._meta())
+            state = self.opt.state_dict()
+            if self.learned_feedback:
+                state.update({f"rule/{k}": v for k, v in self.rule.state_dict().items()})
+            save_checkpoint(self.out / "last.h5", self.net.parameters(), state, self._meta())
 
     def _resume(self):
         params, opt_state, meta = load_checkpoint(self.out / "last.h5")
         restore_params(self.net, params, self.xp)
-        self.opt.load_state_dict(opt_state, self.xp)
+        self.opt.load_state_dict({k: v for k, v in opt_state.items() if not k.startswith("rule/")}, self.xp)
+        if self.learned_feedback:
+            self.rule.load_state_dict({k[5:]: v for k, v in opt_state.items() if k.startswith("rule/")}, self.xp)
         self.step, self.epoch, self.batch = meta["step"], meta["epoch"], meta["batch"]
         self.rng.bit_generator.state = meta["rng"]
         self.acc = meta["acc"]
@@ -141,8 +150,19 @@ class Trainer:
         loss, gy = self.loss.value_and_grad(tr.output, y)
         if not math.isfinite(loss):
             raise DivergenceError(f"step {self.step}: loss is {loss}")
-        grads, info = self.rule.compute(tr, gy)
         extra = {}
+        train_forward, train_feedback = True, False
+        if self.learned_feedback:  # alternating: even epochs train the feedback, odd ones the forward
+            alternating = self.cfg.schedule == "alternating"
+            train_forward = not alternating or self.epoch % 2 == 1
+            train_feedback = not alternating or self.epoch % 2 == 0
+            if train_feedback and self.rule.feedback_first:       # L-DRL: feedback first, forward frozen
+                extra["feedback_loss"] = self.rule.feedback_step(tr, self.rng)
+            grads, info = self.rule.compute(tr, gy, labels=y)
+            if train_feedback and not self.rule.feedback_first:   # DTP/SDTP: targets, then inverses
+                extra["feedback_loss"] = self.rule.feedback_step(tr, self.rng)
+        else:
+            grads, info = self.rule.compute(tr, gy)
         if measure_angles:
             bp_grads, _ = self.bp.compute(tr, gy)
             cmp = compare_updates(net, grads, bp_grads)
@@ -150,12 +170,17 @@ class Trainer:
             extra["norm_ratio"] = {k: v["norm_ratio"] for k, v in cmp.items()}
             if "target_distance" in info:
                 extra["target_distance"] = {l.name: d for l, d in zip(net.layers, info["target_distance"])}
+            if self.learned_feedback:
+                extra["jacobian_error"] = self.rule.jacobian_errors(tr)
+        elif "feedback_loss" in extra and (self.step % self.cfg.log_every):
+            del extra["feedback_loss"]                      # logged with the train records only
         add_ortho_grads(net, grads, self.cfg.ortho_lambda, self.cfg.ortho_form)
         flat = {f"{l.name}.{k}": g[k] for l, g in zip(net.layers, grads) for k in g}
         for name, g in flat.items():
             if not bool(xp.isfinite(g).all()):
                 raise DivergenceError(f"step {self.step}: non-finite update for {name}")
-        self.opt.step(net.parameters(), flat)
+        if train_forward:
+            self.opt.step(net.parameters(), flat)
         logits = self.loss.logits(tr.output)
         return loss, topk_correct(logits, y, 1), extra
 

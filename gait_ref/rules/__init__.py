@@ -4,20 +4,23 @@ weight and bias update on BP's scale (a gradient to descend), from explicit math
     rule = make_rule(name, net, **options)
     grads, info = rule.compute(trace, dL_dyL)
 
-Rules: bp, fa, dfa, tp, itp, gait-vanilla, gait (normalized GAIT-prop).
+Rules: bp, fa, dfa, tp, itp, gait-vanilla, gait (normalized GAIT-prop); and with learned
+feedback: dtp, sdtp, ldrl (dense networks).
 """
 from __future__ import annotations
 
 from .bp import BP
+from .dtp import DifferenceTargetProp
 from .feedback_alignment import DFA, FA
 from .targets import TargetRule
 
-RULES = ("bp", "fa", "dfa", "tp", "itp", "gait-vanilla", "gait")
+RULES = ("bp", "fa", "dfa", "tp", "itp", "gait-vanilla", "gait", "dtp", "sdtp", "ldrl")
+DTP_RULES = ("dtp", "sdtp", "ldrl")
 
 
 def make_rule(name: str, net, *, seed: int = 0, gamma: float | None = None,
               form: str = "difference", norm: str = "l2", sqrt_dim: bool = True,
-              feedback_init: str = "orthogonal"):
+              feedback_init: str = "orthogonal", n_classes: int = 10, dtp_options: dict | None = None):
     """Build rule ``name`` for ``net``. gamma defaults: 1e-3 (itp, gait-vanilla), 1e-7 (gait)."""
     if name == "bp":
         return BP(net)
@@ -34,7 +37,9 @@ def make_rule(name: str, net, *, seed: int = 0, gamma: float | None = None,
     if name == "gait":
         return TargetRule(net, "gait", gamma=1e-7 if gamma is None else gamma,
                           gamma_mode="normalized", form=form, norm=norm, sqrt_dim=sqrt_dim)
+    if name in DTP_RULES:
+        return DifferenceTargetProp(net, name, n_classes=n_classes, seed=seed, **(dtp_options or {}))
     raise ValueError(f"unknown rule {name!r}; choose one of {', '.join(RULES)}")
 
 
-__all__ = ["BP", "FA", "DFA", "TargetRule", "make_rule", "RULES"]
+__all__ = ["BP", "FA", "DFA", "TargetRule", "DifferenceTargetProp", "make_rule", "RULES", "DTP_RULES"]
