@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 NEURIPS_EPOCHS = 2   # the paper trains 100; this machine has 2 CPU cores
 DEPTH_EPOCHS = 20
-FLOAT64_EPOCHS = 5   # the float64 twin of the deep normalized-GP run, for the precision comparison
+FLOAT64_EPOCHS = 3   # the float64 twin of the deep normalized-GP run, for the precision comparison
 IMAGENET20_EPOCHS = 60
 
 
