@@ -62,6 +62,10 @@ def table_runs(table: str, quick: bool, root: Path) -> dict:
                                           "--epochs", DEPTH_EPOCHS, "--angles-every", 100]
         runs["mlp-deep-gait-float64"] = ["--task", "fashion-mnist", "--arch", "mlp-deep", "--rule", "gait",
                                          "--dtype", "float64", "--epochs", FLOAT64_EPOCHS, "--angles-every", 100]
+        # the reference code's configuration of vanilla GP: absolute targets, float64
+        runs["mlp-deep-gait-vanilla-absolute-float64"] = [
+            "--task", "fashion-mnist", "--arch", "mlp-deep", "--rule", "gait-vanilla", "--target-form", "absolute",
+            "--dtype", "float64", "--epochs", FLOAT64_EPOCHS, "--angles-every", 100]
     elif table == "imagenet20":
         shards = root / "imagenet20" / "shards"
         for rule in ("gait", "bp"):
