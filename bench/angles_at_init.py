@@ -16,7 +16,7 @@ import numpy as np
 from common import NETWORKS, QUICK_BATCH, rule_step, setup, timed
 from gait_ref.backend import get_backend
 from gait_ref.metrics import compare_updates
-from gait_ref.rules import RULES
+from gait_ref.rules import RULES, make_rule
 
 
 @click.command()
