@@ -288,3 +288,16 @@ def test_angle_metric():
 def test_unknown_rule_message():
     with pytest.raises(ValueError, match="unknown rule 'gaitprop'"):
         make_rule("gaitprop", None)
+
+
+@given(net=st.one_of(dense_nets(), conv_nets()), seed=st.integers(0, 999))
+def test_vanilla_and_normalized_agree_in_the_difference_form(xp, net, seed):
+    """With leaky ReLU the difference recursion is linear in d wherever no unit crosses the
+    kink, so the per-layer (vanilla) or per-sample (normalized) gamma only rescales d and the
+    compounding 1/gamma scale undoes it: both rules give the same updates, with any weights.
+    Normalization matters only for the absolute form's rounding."""
+    tr, gy, _ = setup(net, xp, seed, orthogonal=False)
+    gv, _ = make_rule("gait-vanilla", net, gamma=1e-4).compute(tr, gy)
+    gn, _ = make_rule("gait", net).compute(tr, gy)
+    for name, c in compare_updates(net, gv, gn).items():
+        assert c["rel_error"] < 1e-8, (name, c)
