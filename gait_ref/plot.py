@@ -44,7 +44,8 @@ def plot_runs(run_dirs, out_dir, labels=None):
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy (%)")
-    axes[0].legend(fontsize=8)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_dir / "accuracy.png", dpi=120)
     plt.close(fig)
