@@ -37,7 +37,7 @@ def _read_config_file(path: str) -> dict:
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--task", type=click.Choice(TASKS), help="Data set (default mnist, from its package).")
 @click.option("--arch", help="Architecture preset: mlp-shallow, mlp-deep, mlp-<W>x<N> (e.g. mlp-784x4), "
-                              "mlp-tower, conv7. Default: the task's.")
+                              "mlp-tower, conv7, bartunov-mlp. Default: the task's (bartunov-mlp for dtp/sdtp/ldrl).")
 @click.option("--rule", type=click.Choice(RULES), help="Learning rule (default gait: normalized GAIT-prop).")
 @click.option("--target-form", type=click.Choice(["absolute", "difference"]),
               help="Target recursion of tp/itp/gait: the papers' absolute targets, or the exact difference form.")
