@@ -82,7 +82,7 @@ class TargetRule:
         net.check_invertible(first=1)
         self.net, self.mode, self.gamma, self.gamma_mode = net, mode, float(gamma), gamma_mode
         self.form, self.norm, self.sqrt_dim = form, norm, sqrt_dim
-        self.name = {"tp": "tp", "itp": "itp", "gait": "gait"}[mode]
+        self.name = mode
 
     # ---- the incremental factor ------------------------------------------------------------
     def _gamma(self, d):
@@ -104,12 +104,11 @@ class TargetRule:
         return g * fp * fp if self.mode == "gait" else g
 
     # ---- the recursion -----------------------------------------------------------------------
-    def compute(self, tr, gy, ops=None):
+    def compute(self, tr, gy):
         """Per-layer updates on BP's scale, and info (mean target distance per layer).
 
-        ``ops``: per-layer inverse operators to reuse; by default each square layer is
-        factorised when the recursion reaches it and released after, so one
-        factorisation is alive at a time."""
+        Each square layer is factorised when the recursion reaches it and released after,
+        so one factorisation is alive at a time."""
         net = self.net
         xp = get_xp(gy)
         L = len(net)
@@ -128,7 +127,7 @@ class TargetRule:
                 break
             gamma = self._gamma(d)
             eps = self._eps(gamma, fp)
-            op = ops[l] if ops is not None else layer.inverse_operator()
+            op = layer.inverse_operator()
             if self.form == "difference":
                 # d_{l-1} = (f^-1(y + eps d) - f^-1(y)) W^-1, exactly
                 d = layer.inverse_delta(f.inverse_difference(y, eps * d), tr.caches[l], op)
