@@ -158,7 +158,9 @@ class Trainer:
             train_feedback = not alternating or self.epoch % 2 == 0
             if train_feedback and self.rule.feedback_first:       # L-DRL: feedback first, forward frozen
                 extra["feedback_loss"] = self.rule.feedback_step(tr, self.rng)
-            grads, info = self.rule.compute(tr, gy, labels=y)
+            # the forward updates are not needed in a feedback-only epoch, unless measured
+            grads, info = (self.rule.compute(tr, gy, labels=y) if train_forward or measure_angles
+                           else (None, {}))
             if train_feedback and not self.rule.feedback_first:   # DTP/SDTP: targets, then inverses
                 extra["feedback_loss"] = self.rule.feedback_step(tr, self.rng)
         else:
@@ -174,12 +176,12 @@ class Trainer:
                 extra["jacobian_error"] = self.rule.jacobian_errors(tr)
         elif "feedback_loss" in extra and (self.step % self.cfg.log_every):
             del extra["feedback_loss"]                      # logged with the train records only
-        add_ortho_grads(net, grads, self.cfg.ortho_lambda, self.cfg.ortho_form)
-        flat = {f"{l.name}.{k}": g[k] for l, g in zip(net.layers, grads) for k in g}
-        for name, g in flat.items():
-            if not bool(xp.isfinite(g).all()):
-                raise DivergenceError(f"step {self.step}: non-finite update for {name}")
         if train_forward:
+            add_ortho_grads(net, grads, self.cfg.ortho_lambda, self.cfg.ortho_form)
+            flat = {f"{l.name}.{k}": g[k] for l, g in zip(net.layers, grads) for k in g}
+            for name, g in flat.items():
+                if not bool(xp.isfinite(g).all()):
+                    raise DivergenceError(f"step {self.step}: non-finite update for {name}")
             self.opt.step(net.parameters(), flat)
         logits = self.loss.logits(tr.output)
         return loss, topk_correct(logits, y, 1), extra
@@ -291,13 +293,14 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 self.batch = b + 1
                 n = len(y)
-                acc["loss"] += loss / (n if cfg.reduction == "sum" else 1)
+                sample_loss = loss / (n if cfg.reduction == "sum" else 1)
+                acc["loss"] += sample_loss
                 acc["correct"] += correct
                 acc["n"] += n
                 acc["time"] += dt
                 acc["steps"] += 1
                 bar.update(n)
-                bar.set_postfix(loss=f"{loss / (n if cfg.reduction == 'sum' else 1):.3f}", refresh=False)
+                bar.set_postfix(loss=f"{sample_loss:.3f}", refresh=False)
                 if self.invertible and cfg.cond_every and self.step % cfg.cond_every == 0:
                     self.check_conditioning()
                 if extra or self.step % cfg.log_every == 0:
