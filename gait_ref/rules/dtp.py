@@ -143,12 +143,12 @@ class DifferenceTargetProp:
         N = x.shape[0]
         return float((diff ** 2).sum()) / N, fb.param_grads(u, z, 2 * diff / N)
 
-    def ldrl_loss_grads(self, l, x, e, eta):
+    def ldrl_loss_grads(self, l, x, e, eta, u0=None):
         """(loss, grads) of L-DRL's loss for g_l at layer input x, input noise e (N, R),
-        output noise eta (N, O)."""
+        output noise eta (N, O). ``u0``: the clean f_l(x), if already known."""
         fb = self.fb[l]
         R, N = fb.n_read, x.shape[0]
-        u0 = self._forward_layer(l, x)
+        u0 = self._forward_layer(l, x) if u0 is None else u0
         xn = x.copy()
         xn[:, :R] += e
         u1 = self._forward_layer(l, xn)
@@ -180,7 +180,8 @@ class DifferenceTargetProp:
                 e = self._noise(rng, (x.shape[0], fb.n_read), x)
                 if self.name == "ldrl":
                     eta = self._noise(rng, (x.shape[0], fb.n_out), x)
-                    loss, g = self.ldrl_loss_grads(l, x, e, eta)
+                    # forward weights are frozen: the clean f_l(x) is the trace's y_l
+                    loss, g = self.ldrl_loss_grads(l, x, e, eta, u0=self._fb_input(l, tr.ys[l]))
                 else:
                     loss, g = self.inverse_loss_grads(l, x, e)
                 losses[fb.name] = loss
