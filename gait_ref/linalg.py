@@ -1,9 +1,10 @@
 """Right-division by a square weight matrix: B @ W^-1, for the exact inverses.
 
 ``SquareInverse(W)`` factorises W once (LU with partial pivoting) and applies it to the
-whole batch at once; the target rules factorise each square layer once per step. No explicit inverse is formed for 2-D matrices.
-Stacks of small matrices (locally connected layers, one per output position) use
-the batched explicit inverse, which is what the batched LAPACK routines offer.
+whole batch at once; the target rules factorise each square layer once per step.
+No explicit inverse is formed for 2-D matrices. Stacks of small matrices (locally
+connected layers, one per output position) use the batched explicit inverse, which is
+what the batched LAPACK routines offer.
 """
 from __future__ import annotations
 
