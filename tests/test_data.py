@@ -170,6 +170,26 @@ def test_loader_order_resume_prefetch_and_normalisation(xp, tmp_path):
     np.testing.assert_allclose(asnumpy(xb), ref, rtol=1e-12)
 
 
+def test_loader_stops_cleanly_when_the_consumer_leaves_early():
+    """Leaving an epoch while the prefetch thread has read everything and the queue is
+    full (a --max-steps stop in a short epoch) must not deadlock the join."""
+    import threading
+    import time
+    data = ArraySet(np.zeros((12, 1, 2, 2), np.uint8), np.zeros(12, np.int64), 2)
+    loader = BatchLoader(data, 3, np, np.float32, prefetch=2)
+    finished = threading.Event()
+
+    def consume_one():
+        it = loader.epoch(0)
+        next(it), next(it)                    # 2 of 4 batches: the other 2 fill the queue
+        time.sleep(0.3)                       # and the worker reaches its final put
+        it.close()
+        finished.set()
+
+    threading.Thread(target=consume_one, daemon=True).start()
+    assert finished.wait(10), "BatchLoader.epoch deadlocked when closed early"
+
+
 def test_loader_surfaces_reader_errors(tmp_path):
     _shard_set(tmp_path)
     (tmp_path / "train-00002.h5").unlink()

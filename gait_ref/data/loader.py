@@ -101,20 +101,24 @@ class BatchLoader:
         stop = threading.Event()
         done = object()
 
+        def put(item) -> bool:
+            """Hand ``item`` over unless the consumer has stopped (then never block)."""
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
         def work():
             try:
                 for item in self._host_batches(epoch, start):
-                    while not stop.is_set():
-                        try:
-                            q.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
+                    if not put(item):
                         return
-                q.put(done)
+                put(done)
             except BaseException as e:  # handed to the consumer, raised there
-                q.put(e)
+                put(e)
 
         t = threading.Thread(target=work, daemon=True)
         t.start()
