@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from gait_ref.backend import to_device
 from gait_ref.init import init_layer
-from gait_ref.layers import Conv2D, Dense, LocallyConnected2D
+from gait_ref.layers import Conv2D, ConvPool2D, Dense, LocallyConnected2D
 
 from .conftest import asnumpy
 from .helpers import init_well_conditioned, rand
@@ -65,7 +65,8 @@ def test_finite_difference_gradients(xp, layer, seed):
 
 def test_finite_difference_nonsquare_layers(xp):
     rng = np.random.default_rng(5)
-    for layer in (Dense((3, 4, 4), 7), Conv2D((3, 10, 9), 5, 3, n_out=4), LocallyConnected2D((2, 6, 6), 3, 2, n_out=3)):
+    for layer in (Dense((3, 4, 4), 7), Conv2D((3, 10, 9), 5, 3, n_out=4), LocallyConnected2D((2, 6, 6), 3, 2, n_out=3),
+                  ConvPool2D((2, 7, 6), 3, 1, n_out=3), ConvPool2D((3, 9, 9), 3, 2, n_out=2, padding="valid")):
         _fd_check(layer, xp, rng)
 
 

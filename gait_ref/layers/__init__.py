@@ -6,9 +6,14 @@ kind it holds:
     forward(x) -> h, cache             input_grad(gh, cache, W=None) -> gx
     param_grads(gh, cache) -> {W, b}   inverse_operator() -> SquareInverse
     inverse(h, cache, op) -> x         inverse_delta(dh, cache, op) -> dx
+    linear_transpose(a, V) -> x        transpose_weight_grad(a, gx) -> dV
+
+The last two are the layer's transposed linear structure with someone else's weights
+V (shaped like W): what learned feedback layers (``gait_ref.feedback``) are built from.
+ConvPool2D (conv + 2x2 max-pool) has no exact inverse.
 """
-from .conv import Conv2D
+from .conv import Conv2D, ConvPool2D
 from .dense import Dense
 from .local import LocallyConnected2D
 
-__all__ = ["Dense", "Conv2D", "LocallyConnected2D"]
+__all__ = ["Dense", "Conv2D", "ConvPool2D", "LocallyConnected2D"]

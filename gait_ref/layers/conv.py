@@ -16,6 +16,7 @@ from __future__ import annotations
 from ..backend import get_xp, to_device
 from ..im2col import ConvGeometry, col2im, im2col, nchw_to_rows, rows_to_nchw
 from ..linalg import SquareInverse
+from ..pooling import max_pool, unpool
 
 
 class _Windowed:
@@ -81,10 +82,18 @@ class Conv2D(_Windowed):
         return rows_to_nchw(hm, x.shape[0], g.Ho, g.Wo), {"x": x, "cols": cols}
 
     def input_grad(self, gh, cache, W=None):
-        """Transposed convolution: col2im(gh W^T); W may be a feedback kernel (FA). New array."""
-        W = self.params["W"] if W is None else W
-        gcols = nchw_to_rows(gh) @ W.T                               # (M, D)
-        return self._embed(col2im(gcols, self.geom, gh.shape[0]), None)
+        """dL/dx: the transposed convolution of gh; W may be a feedback kernel (FA). New array."""
+        return self.linear_transpose(gh, self.params["W"] if W is None else W)
+
+    def linear_transpose(self, a, V):
+        """The transposed convolution col2im(a V^T) for any (D, O) kernel V: the structure
+        of W^T with V's values. a : (N, O, Ho, Wo) -> (N, C, H, W), zero on unread channels."""
+        gcols = nchw_to_rows(a) @ V.T                                # (M, D)
+        return self._embed(col2im(gcols, self.geom, a.shape[0]), None)
+
+    def transpose_weight_grad(self, a, gx):
+        """d<gx, linear_transpose(a, V)>/dV = im2col(gx)^T a: (D, O)."""
+        return im2col(self._read(gx), self.geom).T @ nchw_to_rows(a)
 
     def param_grads(self, gh, cache):
         ghm = nchw_to_rows(gh)                                       # (M, O)
@@ -115,3 +124,46 @@ class Conv2D(_Windowed):
         """The linear part of the inverse: convT(dh, (W^-1)^T), zero on unread channels."""
         patches = op.right_solve(nchw_to_rows(dh))                    # (M, D)
         return self._embed(col2im(patches, self.geom, dh.shape[0]), None)
+
+
+class ConvPool2D(Conv2D):
+    """A convolution followed by 2x2 max-pooling (stride 2): h = maxpool(conv(x) + b).
+
+    With a non-decreasing activation f, maxpool(f(h)) = f(maxpool(h)) with the same
+    indices, so this layer with activation f is exactly the conv -> f -> maxpool block of
+    Ernoult et al.'s SimpleVGG. The pooling mask goes in the cache; every backward map
+    (BP, FA, the learned feedback) first unpools with it (``gait_ref.pooling``). Not
+    square, so it has no exact inverse.
+    """
+
+    kind = "convpool"
+
+    def __init__(self, in_shape, K: int, S: int, n_out: int, padding: str = "same", name: str = "convpool"):
+        super().__init__(in_shape, K, S, n_out=n_out, padding=padding, name=name)
+        g = self.geom
+        if g.Ho < 2 or g.Wo < 2:
+            raise ValueError(f"{name}: a {g.Ho}x{g.Wo} conv output is too small to max-pool 2x2")
+        self.conv_hw = (g.Ho, g.Wo)
+        self.out_shape = (self.n_out, g.Ho // 2, g.Wo // 2)
+
+    @property
+    def square(self) -> bool:
+        return False
+
+    def forward(self, x):
+        hc, cache = super().forward(x)
+        h, cache["pool_mask"] = max_pool(hc)
+        return h, cache
+
+    def unpool(self, u, cache):
+        """(N, O, Ho/2, Wo/2) -> (N, O, Ho, Wo): u at the forward maxima, zero elsewhere."""
+        return unpool(u, cache["pool_mask"], self.conv_hw)
+
+    def input_grad(self, gh, cache, W=None):
+        return super().input_grad(self.unpool(gh, cache), cache, W)
+
+    def param_grads(self, gh, cache):
+        return super().param_grads(self.unpool(gh, cache), cache)
+
+    def inverse_operator(self):
+        raise ValueError(f"layer {self.name} max-pools, so it has no exact inverse")

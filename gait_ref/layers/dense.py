@@ -63,8 +63,15 @@ class Dense:
 
     def input_grad(self, gh, cache, W=None):
         """dL/dx = gh W^T (zeros on unread units); W may be a feedback matrix (FA). New array."""
-        W = self.params["W"] if W is None else W
-        return self._embed(gh @ W.T, None)                          # (N, *in_shape)
+        return self.linear_transpose(gh, self.params["W"] if W is None else W)
+
+    def linear_transpose(self, a, V):
+        """a V^T for any (R, O) matrix V, as a full (N, *in_shape) array (zero on unread units)."""
+        return self._embed(a @ V.T, None)
+
+    def transpose_weight_grad(self, a, gx):
+        """d<gx, linear_transpose(a, V)>/dV = gx_R^T a: (R, O)."""
+        return self._read(gx).T @ a
 
     def param_grads(self, gh, cache):
         """{'W': x_R^T gh, 'b': sum_n gh}: new arrays."""

@@ -63,9 +63,18 @@ class LocallyConnected2D(_Windowed):
         return self._from_positions(hp), {"x": x, "cols": cols}
 
     def input_grad(self, gh, cache, W=None):
-        W = self.params["W"] if W is None else W
-        gcp = self._gh_positions(gh) @ W.transpose(0, 2, 1)          # (P, N, D)
-        return self._embed(col2im(self._positions_to_cols(gcp), self.geom, gh.shape[0]), None)
+        return self.linear_transpose(gh, self.params["W"] if W is None else W)
+
+    def linear_transpose(self, a, V):
+        """The transposed locally connected map for any (P, D, O) weights V: each position's
+        a_p V_p^T, summed back onto the input by col2im. (N, O, Ho, Wo) -> (N, C, H, W)."""
+        gcp = self._gh_positions(a) @ V.transpose(0, 2, 1)           # (P, N, D)
+        return self._embed(col2im(self._positions_to_cols(gcp), self.geom, a.shape[0]), None)
+
+    def transpose_weight_grad(self, a, gx):
+        """d<gx, linear_transpose(a, V)>/dV, per position cols_p(gx)^T a_p: (P, D, O)."""
+        cp = self._to_positions(im2col(self._read(gx), self.geom), gx.shape[0])   # (P, N, D)
+        return cp.transpose(0, 2, 1) @ self._gh_positions(a)
 
     def param_grads(self, gh, cache):
         N = gh.shape[0]
