@@ -1,59 +1,140 @@
 """Learned feedback (approximate inverse) layers for the DTP family, with explicit gradients.
 
-Legend: N batch, O units of the forward layer's output, R units it reads (its input).
+Forward layer l maps its input x (shape ``in_shape``) to y = f(layer(x)) (``out_shape``).
+Its feedback layer g maps back, with weights V of its own, shaped like the forward W
+but never tied to it:
 
-A dense forward layer l maps x (N, R) to y = f(x W + b) (N, O). Its feedback layer maps
-back with weights of its own (Bartunov et al. 2018, sec. 2.1.1):
+    g(u) = s_out( T_V( s_in( P u ) ) + c )                                  (one place)
 
-    g(u) = s(u V + c),    V : (O, R),  c : (R,)
+T_V   the *transpose structure* of the forward layer with V's values
+      (``layer.linear_transpose``): dense  a V^T;  conv  the transposed convolution
+      col2im(a V^T) (stride, padding and kernel of the forward conv);  locally
+      connected  the per-position transposes a_p V_p^T summed back by col2im.
+P     the inverse of max-pooling for a conv-pool layer: unpool with the forward pass's
+      indices (``gait_ref.pooling``); the identity otherwise.
+c     bias: per input unit (dense, locally connected: untied) or per input channel
+      (conv, as a transposed convolution's bias).
 
-Nothing is borrowed from W. ``s`` is the activation of the layer below (the one whose
-activity g reconstructs).
+Two forms, after the two papers:
+
+    bartunov  g(u) = f_{l-1}( T_V(u) + c )             Bartunov et al. 2018, sec. 2.1.1:
+              s_out is the activation of the layer below (whose activity g rebuilds).
+    ernoult   g(u) = T_V( f_l(P u) ) + c               Ernoult et al. 2022's SimpleVGG
+              feedback blocks unpool -> ELU -> transposed conv; for a dense layer
+              u -> f_l(u) V^T + c.
+
+What travels: ``forward(u, fcache)`` returns (g(u), gcache); ``fcache`` is the forward
+layer's cache of the pass that produced u's base point (for the pooling indices).
+``param_grads(gcache, g_r)`` gives dL/dV and dL/dc from dL/dg = g_r; ``jvp`` the
+directional derivative. ``jacobian_matching_error`` measures ||J_g - J_f^T||_F / ||J_f||_F.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .backend import get_xp, to_device
+from .activations import Identity
+from .backend import get_xp, to_device, to_numpy
 from .init import draw_weights
 
+FORMS = ("bartunov", "ernoult")
 
-class DenseFeedback:
-    def __init__(self, n_out: int, n_read: int, activation, name: str):
-        self.n_out, self.n_read, self.s, self.name = int(n_out), int(n_read), activation, name
+
+def _no_aux_units(layer) -> None:
+    """Learned feedback rebuilds the whole layer input, so the layer must read all of it."""
+    read_all = (layer.n_read == layer.n_in) if layer.kind == "dense" else (layer.c_read == layer.in_shape[0])
+    if not read_all:
+        raise ValueError(f"layer {layer.name} reads only part of its input (auxiliary units); "
+                         "learned-feedback rules need layers that read all of it")
+
+
+class Feedback:
+    """The feedback layer g of forward layer ``layer`` (see the module docstring)."""
+
+    def __init__(self, layer, s_out=None, s_in=None, name: str | None = None):
+        _no_aux_units(layer)
+        self.layer = layer
+        self.s_out = Identity() if s_out is None else s_out
+        self.s_in = Identity() if s_in is None else s_in
+        self.name = f"g_{layer.name}" if name is None else name
+        self.pools = layer.kind == "convpool"
+        C = layer.in_shape[0]
+        self.c_shape = (C, 1, 1) if layer.kind in ("conv", "convpool") else tuple(layer.in_shape)
         self.params = {}
 
+    @classmethod
+    def of(cls, net, l: int, form: str = "bartunov") -> "Feedback":
+        """The feedback of layer l >= 1 of ``net`` in ``form``."""
+        if form == "bartunov":
+            return cls(net.layers[l], s_out=net.activations[l - 1])
+        if form == "ernoult":
+            return cls(net.layers[l], s_in=net.activations[l])
+        raise ValueError(f"unknown feedback form {form!r}; choose one of {FORMS}")
+
     def init(self, rng: np.random.Generator, xp, dtype, scheme: str = "glorot") -> None:
-        self.params = {"V": to_device(draw_weights(rng, (self.n_out, self.n_read), scheme).astype(dtype), xp),
-                       "c": to_device(np.zeros(self.n_read, dtype), xp)}
+        V = draw_weights(rng, self.layer.weight_shape, scheme)
+        self.params = {"V": to_device(V.astype(dtype), xp),
+                       "c": to_device(np.zeros(self.c_shape, dtype), xp)}
 
-    def forward(self, u):
-        """u : (N, O) -> (g(u) : (N, R), z = u V + c)."""
-        z = u @ self.params["V"] + self.params["c"]
-        return self.s.f(z), z
+    def forward(self, u, fcache=None):
+        """u : (N, *out_shape) -> (g(u) : (N, *in_shape), gcache)."""
+        p = self.layer.unpool(u, fcache) if self.pools else u
+        a = self.s_in.f(p)
+        z = self.layer.linear_transpose(a, self.params["V"]) + self.params["c"][None]
+        return self.s_out.f(z), {"p": p, "a": a, "z": z}
 
-    def param_grads(self, u, z, g_r):
-        """Gradients of a loss with dL/dg(u) = g_r: {'V': u^T (g_r s'(z)), 'c': sum_n g_r s'(z)}."""
-        gz = g_r * self.s.deriv(z)
-        return {"V": u.T @ gz, "c": gz.sum(axis=0)}
+    def param_grads(self, gcache, g_r) -> dict:
+        """dL/dV and dL/dc for dL/dg(u) = g_r, through z = T_V(a) + c."""
+        gz = g_r * self.s_out.deriv(gcache["z"])
+        gV = self.layer.transpose_weight_grad(gcache["a"], gz)
+        per_channel = self.layer.kind in ("conv", "convpool")
+        gc = (gz.sum(axis=(0, 2, 3)) if per_channel else gz.sum(axis=0)).reshape(self.c_shape)
+        return {"V": gV, "c": gc}
 
-    def jacobian(self, z):
-        """J_g per sample as the (O, R) matrix du -> du J: V * s'(z_n). Returns (N, O, R)."""
-        return self.params["V"][None] * self.s.deriv(z)[:, None, :]
+    def jvp(self, du, gcache, fcache=None):
+        """J_g du at the point of ``gcache``: s_out'(z) * T_V( s_in'(P u) * P du )."""
+        dp = self.layer.unpool(du, fcache) if self.pools else du
+        da = self.s_in.deriv(gcache["p"]) * dp
+        return self.s_out.deriv(gcache["z"]) * self.layer.linear_transpose(da, self.params["V"])
+
+    def state(self) -> dict:
+        return {k: to_numpy(v) for k, v in self.params.items()}
 
 
-def forward_jacobian(layer, activation, h):
-    """J_f of a dense layer per sample as the (R, O) matrix dx -> dx J: W * f'(h_n). (N, R, O)."""
-    return layer.params["W"][None] * activation.deriv(h)[:, None, :]
+def _repeat(a, n):
+    xp = get_xp(a)
+    return xp.repeat(a, n, axis=0)
 
 
-def jacobian_matching_error(layer, activation, h, fb, z) -> float:
-    """mean_n ||J_g - J_f^T||_F / ||J_f||_F: how far the feedback is from the forward
-    layer's transposed Jacobian (what L-DRL trains towards)."""
-    xp = get_xp(h)
-    Jf = forward_jacobian(layer, activation, h)                     # (N, R, O)
-    Jg = fb.jacobian(z)                                             # (N, O, R)
-    diff = Jg - Jf.transpose(0, 2, 1)
-    num = xp.sqrt((diff ** 2).sum(axis=(1, 2)))
-    den = xp.sqrt((Jf ** 2).sum(axis=(1, 2)))
-    return float((num / den).mean())
+def jacobian_matching_error(layer, f, fb: Feedback, x, n_samples: int = 8, max_exact: int = 256,
+                            n_probes: int = 64, seed: int = 0) -> float:
+    """mean_n ||J_g - J_f^T||_F / ||J_f||_F over the first ``n_samples`` inputs of ``x``.
+
+    J_f = dy/dx of the forward layer y = f(layer(x)) at x_n; J_g = dg/du of the feedback at
+    u = y_n (what L-DRL trains towards J_f^T). Both are applied to probe directions E in
+    the output space: J_f^T E by the layer's own backward map, J_g E by ``fb.jvp``. With
+    at most ``max_exact`` output units the probes are the identity and the norms exact;
+    above, ``n_probes`` fixed-seed Gaussian probes give an unbiased estimate of both
+    squared norms (E[||A e||^2] = ||A||_F^2 for e ~ N(0, I)).
+    """
+    xp = get_xp(x)
+    out_shape = tuple(layer.out_shape)
+    n_out = int(np.prod(out_shape))
+    exact = n_out <= max_exact
+    P = n_out if exact else int(n_probes)
+    rng = np.random.default_rng(seed)
+    ratios = []
+    for n in range(min(n_samples, x.shape[0])):
+        xr = _repeat(x[n:n + 1], P)
+        h, fcache = layer.forward(xr)
+        y = f.f(h)
+        if exact:
+            E = xp.eye(n_out, dtype=x.dtype).reshape((P,) + out_shape)
+        else:
+            E = to_device(rng.standard_normal((P,) + out_shape).astype(x.dtype), xp)
+        jft = layer.input_grad(E * f.deriv(h), fcache)               # rows of J_f^T E
+        _, gcache = fb.forward(y, fcache)
+        jg = fb.jvp(E, gcache, fcache)
+        num = float(xp.sqrt(((jg - jft) ** 2).sum()))
+        den = float(xp.sqrt((jft ** 2).sum()))
+        ratios.append(num / den if den > 0 else float("nan"))
+    return float(np.mean(ratios))

@@ -189,8 +189,10 @@ def test_fa_feedback_is_independent_of_forward_weights(xp):
 @given(net=st.one_of(dense_nets(), conv_nets()), seed=st.integers(0, 999), rule=st.sampled_from(RULES),
        orthogonal=st.booleans())
 def test_output_layer_update_equals_bp(xp, net, seed, rule, orthogonal):
-    learned_feedback = rule in DTP_RULES           # dense nets of two or more layers only
-    assume(not learned_feedback or (len(net) >= 2 and all(l.kind == "dense" for l in net.layers)))
+    learned_feedback = rule in DTP_RULES           # two or more layers reading all their inputs
+    reads_all = lambda l: l.n_read == l.n_in if l.kind == "dense" else l.c_read == l.in_shape[0]
+    assume(not learned_feedback or (len(net) >= 2 and all(reads_all(l) for l in net.layers)
+                                    and (rule != "sdtp" or tuple(net.out_shape) == (K,))))
     tr, gy, bp, labels = setup(net, xp, seed, orthogonal=orthogonal, return_labels=True)
     r = make_rule(rule, net, seed=seed, n_classes=K)
     grads, _ = r.compute(tr, gy, labels=labels) if learned_feedback else r.compute(tr, gy)

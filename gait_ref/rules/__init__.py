@@ -5,7 +5,7 @@ weight and bias update on BP's scale (a gradient to descend), from explicit math
     grads, info = rule.compute(trace, dL_dyL)
 
 Rules: bp, fa, dfa, tp, itp, gait-vanilla, gait (normalized GAIT-prop); and with learned
-feedback: dtp, sdtp, ldrl (dense networks).
+feedback: dtp, sdtp, ldrl (dense, conv, conv-pool and locally connected layers).
 """
 from __future__ import annotations
 

@@ -1,34 +1,41 @@
 """Difference target propagation with learned feedback: DTP, SDTP (Bartunov et al. 2018)
-and L-DRL feedback training (Ernoult et al. 2022). Dense networks.
+and L-DRL feedback training (Ernoult et al. 2022). Any stack of dense, conv, conv-pool
+and locally connected layers that read their whole input.
 
-Layers l = 0..L-1; y_l = f_l(x_l W_l + b_l), x_l = y_{l-1}. Feedback g_l (l >= 1) maps
-layer l's output back to its input (``gait_ref.feedback``). Targets t_l:
+Layers l = 0..L-1; y_l = f_l(layer_l(x_l)), x_l = y_{l-1}. Feedback g_l (l >= 1) maps
+layer l's output back to its input (``gait_ref.feedback``). Targets t_l, per sample
+(l_n is sample n's loss, so steps do not depend on the batch size or the reduction):
 
-    DTP   t_{L-2} = y_{L-2} - alpha dL/dy_{L-2}          (gradient through the last layer only)
+    DTP   t_{L-2} = y_{L-2} - alpha dl_n/dy_{L-2}        (gradient through the last layer only)
     SDTP  t_{L-2} = y_{L-2} - g_{L-1}(p) + g_{L-1}(onehot), p = softmax of the output:
-                                                          t_L = argmin L, no gradient anywhere
-    L-DRL t_{L-1} = y_{L-1} - beta dL/dy_{L-1}            (logits - beta dCE/dlogits)
+                                                         t_L = argmin l_n, no gradient anywhere
+    L-DRL t_{L-1} = y_{L-1} - beta dl_n/dy_{L-1}         (logits - beta dCE/dlogits)
           t_{L-2} = y_{L-2} - g_{L-1}(y_{L-1}) + g_{L-1}(t_{L-1})
     then, for all:  t_{l-1} = y_{l-1} - g_l(y_l) + g_l(t_l)   (the difference correction)
 
 Forward updates: the last layer by its task-loss gradient; every other layer by its
-local loss 0.5 ||y_l - t_l||^2, i.e. dW_l = x_l^T ((y_l - t_l) * f'(h_l)), divided by
-alpha (DTP) or beta (L-DRL) so that updates are on the gradient's scale.
+local loss sum_n 0.5 ||y_l - t_l||^2 / step (step = alpha for DTP, beta for L-DRL, 1 for
+SDTP), reduced over the batch like the task loss. With exact inverses and small steps
+these are BP's gradients.
 
-Feedback training (``feedback_step``), each g_l with the forward weights frozen:
-    denoising (Bartunov)          mean_n || x_l - g_l(f_l(x_l + e)) ||^2,          e ~ N(0, s^2)
-    noise-preserving (Lee et al.) mean_n || (x_l + e) - g_l(f_l(x_l + e)) ||^2
+Feedback training (``feedback_step``), each g_l with the forward weights frozen, noise
+e ~ N(0, sigma_l^2) on the layer input, eta ~ N(0, sigma_l^2) on its output:
+    denoising (Bartunov)          mean_n || x - g(f(x + e)) ||^2
+    noise-preserving (Lee et al.) mean_n || (x + e) - g(f(x + e)) ||^2
     L-DRL (Ernoult et al.)        r = g(f(x)), dr = g(f(x + e)) - r, dr_y = g(f(x) + eta) - r,
-                                  mean_n ( -2 e . dr + ||dr_y||^2 ),  K iterations per batch,
-                                  SGD with momentum; its minimum has J_g = J_f^T.
-Adam trains the DTP/SDTP feedback (as Bartunov et al.), SGD with momentum L-DRL's.
+                                  mean_n ( -2 e . dr + ||dr_y||^2 );   K_l iterations per
+                                  batch, layer by layer; its minimum has J_g = J_f^T.
+A feedback layer unpools with the indices of the forward pass that produced its input's
+base point: g(f(x + e)) with those of x + e, g(f(x)) and g(f(x) + eta) with those of x.
+Every feedback layer has its own optimiser, learning rate, noise and (L-DRL) iteration
+count: Adam for DTP/SDTP (Bartunov et al.), SGD with momentum for L-DRL (Ernoult et al.).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ..backend import get_xp, to_device
-from ..feedback import DenseFeedback, jacobian_matching_error
+from ..backend import get_xp, to_device, to_numpy
+from ..feedback import FORMS, Feedback, jacobian_matching_error
 from ..optim import SGD, Adam
 
 MODES = ("dtp", "sdtp", "ldrl")
@@ -41,70 +48,103 @@ def softmax(z):
     return e / e.sum(axis=1, keepdims=True)
 
 
+def per_layer(value, n: int, option: str, cast=float) -> list:
+    """A scalar for every feedback layer, or a list with one value per feedback layer
+    (bottom up: g_1 first)."""
+    if isinstance(value, (list, tuple)):
+        if len(value) == 1:
+            return [cast(value[0])] * n
+        if len(value) != n:
+            raise ValueError(f"{option} has {len(value)} values, but the network has {n} feedback layers "
+                             f"(give one value, or {n}: g_1 first)")
+        return [cast(v) for v in value]
+    return [cast(value)] * n
+
+
+def _sq_norm_per_sample(d):
+    return (d.reshape(d.shape[0], -1) ** 2).sum(axis=1)
+
+
 class DifferenceTargetProp:
     needs_square = False
     uses_labels = True
 
     def __init__(self, net, mode: str = "dtp", n_classes: int = 10, seed: int = 0, alpha: float = 0.1,
-                 beta: float = 0.1, sigma: float = 0.1, inverse_loss: str = "denoising",
-                 feedback_lr: float = 1e-4, ldrl_iters: int = 5, ldrl_momentum: float = 0.9):
+                 beta: float = 0.1, sigma=0.1, inverse_loss: str = "denoising", feedback_lr=1e-4,
+                 ldrl_iters=5, feedback_momentum: float = 0.9, feedback_form: str = "bartunov",
+                 reduction: str = "mean"):
         if mode not in MODES:
             raise ValueError(f"unknown DTP mode {mode!r}; choose one of {MODES}")
         if inverse_loss not in INVERSE_LOSSES:
             raise ValueError(f"--inverse-loss must be one of {INVERSE_LOSSES}, got {inverse_loss!r}")
-        for layer in net.layers:
-            if layer.kind != "dense":
-                raise ValueError(f"{mode}: layer {layer.name} is {layer.kind}; learned feedback is "
-                                 "implemented for dense layers only so far")
+        if feedback_form not in FORMS:
+            raise ValueError(f"--feedback-form must be one of {FORMS}, got {feedback_form!r}")
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         if len(net) < 2:
             raise ValueError(f"{mode} needs at least two layers")
+        if mode == "sdtp" and tuple(net.out_shape) != (int(n_classes),):
+            raise ValueError(f"sdtp: the output layer must have exactly {n_classes} units (one per class), "
+                             f"got shape {tuple(net.out_shape)}")
         self.net, self.name, self.K = net, mode, int(n_classes)
-        self.alpha, self.beta, self.sigma, self.inverse_loss = alpha, beta, sigma, inverse_loss
-        self.ldrl_iters = int(ldrl_iters)
+        self.alpha, self.beta, self.inverse_loss, self.reduction = alpha, beta, inverse_loss, reduction
         self.feedback_first = mode == "ldrl"
+        L = len(net)
+        top = L - 1 if mode in ("sdtp", "ldrl") else L - 2
+        self.layers_with_feedback = list(range(1, top + 1))
+        n_fb = len(self.layers_with_feedback)
+        self.sigma = per_layer(sigma, n_fb, "--dtp-sigma")
+        self.lrs = per_layer(feedback_lr, n_fb, "--feedback-lr")
+        self.iters = per_layer(ldrl_iters, n_fb, "--ldrl-iters", cast=int)
+        if any(k < 1 for k in self.iters):
+            raise ValueError(f"--ldrl-iters must be >= 1, got {self.iters}")
         W0 = net.layers[0].params["W"]
         xp, dtype = get_xp(W0), W0.dtype
         rng = np.random.default_rng([int(seed), 4])                  # stream 4: feedback weights
-        top = len(net) - 1 if mode in ("sdtp", "ldrl") else len(net) - 2
-        self.fb = [None] * len(net)
-        for l in range(1, top + 1):
-            layer = net.layers[l]
-            n_out = self.K if (mode == "sdtp" and l == len(net) - 1) else layer.n_out
-            self.fb[l] = DenseFeedback(n_out, layer.n_read, net.activations[l - 1], f"g_{layer.name}")
+        self.fb = [None] * L
+        self.opts = [None] * L
+        for i, l in enumerate(self.layers_with_feedback):
+            self.fb[l] = Feedback.of(net, l, feedback_form)
             self.fb[l].init(rng, xp, dtype)
-        self.opt = (SGD(lr=feedback_lr, momentum=ldrl_momentum) if mode == "ldrl"
-                    else Adam(lr=feedback_lr, eps_placement="tf"))
+            self.opts[l] = (SGD(lr=self.lrs[i], momentum=feedback_momentum) if mode == "ldrl"
+                            else Adam(lr=self.lrs[i], eps_placement="tf"))
+
+    @property
+    def feedbacks(self):
+        return [self.fb[l] for l in self.layers_with_feedback]
 
     # ---- targets and forward updates ----------------------------------------------------------
     def _fb_input(self, l, y):
         """What g_l reads: the layer's output; for SDTP's top feedback, the softmax of the logits."""
         if self.name == "sdtp" and l == len(self.net) - 1:
-            return softmax(y[:, :self.K])
+            return softmax(y)
         return y
 
     def correct(self, l, tr, t_l, y_l=None):
-        """t_{l-1} = y_{l-1} - g_l(y_l) + g_l(t_l) on the units layer l reads; the others keep y."""
+        """t_{l-1} = y_{l-1} - g_l(y_l) + g_l(t_l), both through the forward pass's pooling indices."""
         y_l = tr.ys[l] if y_l is None else y_l
-        g_t, _ = self.fb[l].forward(t_l)
-        g_y, _ = self.fb[l].forward(y_l)
-        t = tr.xs[l].reshape(tr.xs[l].shape[0], -1).copy()
-        t[:, :self.fb[l].n_read] += g_t - g_y
-        return t
+        g_t, _ = self.fb[l].forward(t_l, tr.caches[l])
+        g_y, _ = self.fb[l].forward(y_l, tr.caches[l])
+        return tr.xs[l] + (g_t - g_y)
+
+    def _per_sample(self, gy):
+        """dl_n/dy from dL/dy: undo the batch mean."""
+        return gy * gy.dtype.type(gy.shape[0]) if self.reduction == "mean" else gy
 
     def targets(self, tr, gy, labels):
         net, L = self.net, len(self.net)
         xp = get_xp(gy)
         t = [None] * L
+        g_n = self._per_sample(gy)
         if self.name == "dtp":
-            delta = gy * net.activations[-1].deriv(tr.hs[-1])
-            gx = net.layers[-1].input_grad(delta, tr.caches[-1]).reshape(gy.shape[0], -1)
-            t[L - 2] = tr.ys[L - 2] - self.alpha * gx
+            delta = g_n * net.activations[-1].deriv(tr.hs[-1])
+            t[L - 2] = tr.ys[L - 2] - net.layers[-1].input_grad(delta, tr.caches[-1]) * gy.dtype.type(self.alpha)
         elif self.name == "sdtp":
             onehot = xp.zeros((gy.shape[0], self.K), dtype=gy.dtype)
             onehot[xp.arange(gy.shape[0]), labels] = 1
             t[L - 2] = self.correct(L - 1, tr, onehot, self._fb_input(L - 1, tr.ys[-1]))
         else:
-            t[L - 1] = tr.ys[-1] - self.beta * gy
+            t[L - 1] = tr.ys[-1] - g_n * gy.dtype.type(self.beta)
             t[L - 2] = self.correct(L - 1, tr, t[L - 1])
         for l in range(L - 2, 0, -1):
             t[l - 1] = self.correct(l, tr, t[l])
@@ -114,103 +154,101 @@ class DifferenceTargetProp:
         net, L = self.net, len(self.net)
         xp = get_xp(gy)
         t = self.targets(tr, gy, labels)
-        scale = {"dtp": 1 / self.alpha, "sdtp": 1.0, "ldrl": 1 / self.beta}[self.name]
+        step = {"dtp": self.alpha, "sdtp": 1.0, "ldrl": self.beta}[self.name]
+        scale = gy.dtype.type((1.0 / gy.shape[0] if self.reduction == "mean" else 1.0) / step)
         grads = [None] * L
         grads[-1] = net.layers[-1].param_grads(gy * net.activations[-1].deriv(tr.hs[-1]), tr.caches[-1])
         dist = [0.0] * L
         for l in range(L - 1):
             d = tr.ys[l] - t[l]
-            grads[l] = net.layers[l].param_grads(d * net.activations[l].deriv(tr.hs[l]) * d.dtype.type(scale),
-                                                 tr.caches[l])
-            dist[l] = float(xp.sqrt((d ** 2).sum(axis=1)).mean())
+            grads[l] = net.layers[l].param_grads(d * net.activations[l].deriv(tr.hs[l]) * scale, tr.caches[l])
+            dist[l] = float(xp.sqrt(_sq_norm_per_sample(d)).mean())
         return grads, {"target_distance": dist}
 
     # ---- feedback training -----------------------------------------------------------------------
     def _forward_layer(self, l, x):
-        layer, f = self.net.layers[l], self.net.activations[l]
-        return self._fb_input(l, f.f(layer.forward(x)[0]))
+        """(what g_l reads at layer input x, the forward cache) with frozen forward weights."""
+        h, cache = self.net.layers[l].forward(x)
+        return self._fb_input(l, self.net.activations[l].f(h)), cache
 
     def inverse_loss_grads(self, l, x, e):
-        """(loss, grads) of g_l's inverse loss at layer input x (N, n_in) with noise e (N, R)."""
-        fb = self.fb[l]
-        R = fb.n_read
-        xn = x.copy()
-        xn[:, :R] += e
-        u = self._forward_layer(l, xn)
-        r, z = fb.forward(u)
-        target = x[:, :R] + (e if self.inverse_loss == "noise-preserving" else 0)
-        diff = r - target
-        N = x.shape[0]
-        return float((diff ** 2).sum()) / N, fb.param_grads(u, z, 2 * diff / N)
+        """(loss, grads) of g_l's inverse loss at layer input x with input noise e (same shape)."""
+        fb, N = self.fb[l], x.shape[0]
+        u, fcache = self._forward_layer(l, x + e)
+        r, gcache = fb.forward(u, fcache)
+        diff = r - (x + e if self.inverse_loss == "noise-preserving" else x)
+        return float((diff ** 2).sum()) / N, fb.param_grads(gcache, diff * diff.dtype.type(2.0 / N))
 
-    def ldrl_loss_grads(self, l, x, e, eta, u0=None):
-        """(loss, grads) of L-DRL's loss for g_l at layer input x, input noise e (N, R),
-        output noise eta (N, O). ``u0``: the clean f_l(x), if already known."""
-        fb = self.fb[l]
-        R, N = fb.n_read, x.shape[0]
-        u0 = self._forward_layer(l, x) if u0 is None else u0
-        xn = x.copy()
-        xn[:, :R] += e
-        u1 = self._forward_layer(l, xn)
-        u2 = u0 + eta
-        (r0, z0), (r1, z1), (r2, z2) = fb.forward(u0), fb.forward(u1), fb.forward(u2)
+    def ldrl_loss_grads(self, l, x, e, eta, clean=None):
+        """(loss, grads) of L-DRL's loss for g_l at layer input x, input noise e, output noise
+        eta. ``clean``: (f_l(x), its forward cache), if already known."""
+        fb, N = self.fb[l], x.shape[0]
+        u0, c0 = self._forward_layer(l, x) if clean is None else clean
+        u1, c1 = self._forward_layer(l, x + e)
+        (r0, g0), (r1, g1), (r2, g2) = fb.forward(u0, c0), fb.forward(u1, c1), fb.forward(u0 + eta, c0)
         dr, dr_y = r1 - r0, r2 - r0
-        loss = float((-2 * (e * dr).sum() + (dr_y ** 2).sum())) / N
-        # dloss/dr1 = -2 e / N, dloss/dr2 = 2 dr_y / N, dloss/dr0 = (2 e - 2 dr_y) / N
+        loss = float(-2 * (e * dr).sum() + (dr_y ** 2).sum()) / N
+        two_n = e.dtype.type(2.0 / N)
+        # dloss/dr1 = -2 e / N, dloss/dr2 = 2 dr_y / N, dloss/dr0 = 2 (e - dr_y) / N
         grads = {}
-        for u, z, g in ((u1, z1, -2 * e / N), (u2, z2, 2 * dr_y / N), (u0, z0, (2 * e - 2 * dr_y) / N)):
-            for k, v in fb.param_grads(u, z, g).items():
+        for gcache, g_r in ((g1, -two_n * e), (g2, two_n * dr_y), (g0, two_n * (e - dr_y))):
+            for k, v in fb.param_grads(gcache, g_r).items():
                 grads[k] = grads[k] + v if k in grads else v
         return loss, grads
 
-    def _noise(self, rng, shape, like):
-        return to_device((rng.standard_normal(shape) * self.sigma).astype(like.dtype), get_xp(like))
+    def _noise(self, rng, sigma, like):
+        return to_device((rng.standard_normal(like.shape) * sigma).astype(like.dtype), get_xp(like))
+
+    def _update(self, l, grads):
+        fb = self.fb[l]
+        self.opts[l].step({f"{fb.name}.{k}": fb.params[k] for k in grads},
+                          {f"{fb.name}.{k}": grads[k] for k in grads})
 
     def feedback_step(self, tr, rng: np.random.Generator) -> dict:
-        """Train every feedback layer on this batch (forward weights untouched).
-        Returns each layer's last feedback loss."""
+        """Train every feedback layer on this batch, forward weights untouched (DTP/SDTP:
+        one step each; L-DRL: K_l steps each, layer by layer). Returns each layer's last loss."""
         losses = {}
-        iters = self.ldrl_iters if self.name == "ldrl" else 1
-        for _ in range(iters):
-            params, grads = {}, {}
-            for l, fb in enumerate(self.fb):
-                if fb is None:
-                    continue
-                x = tr.xs[l].reshape(tr.xs[l].shape[0], -1)
-                e = self._noise(rng, (x.shape[0], fb.n_read), x)
-                if self.name == "ldrl":
-                    eta = self._noise(rng, (x.shape[0], fb.n_out), x)
-                    # forward weights are frozen: the clean f_l(x) is the trace's y_l
-                    loss, g = self.ldrl_loss_grads(l, x, e, eta, u0=self._fb_input(l, tr.ys[l]))
-                else:
-                    loss, g = self.inverse_loss_grads(l, x, e)
-                losses[fb.name] = loss
-                for k in g:
-                    params[f"{fb.name}.{k}"] = fb.params[k]
-                    grads[f"{fb.name}.{k}"] = g[k]
-            self.opt.step(params, grads)
+        for i, l in enumerate(self.layers_with_feedback):
+            fb, x, sigma = self.fb[l], tr.xs[l], self.sigma[i]
+            if self.name == "ldrl":
+                clean = (self._fb_input(l, tr.ys[l]), tr.caches[l])   # frozen forward: the trace's pass
+                for _ in range(self.iters[i]):
+                    e, eta = self._noise(rng, sigma, x), self._noise(rng, sigma, tr.ys[l])
+                    loss, g = self.ldrl_loss_grads(l, x, e, eta, clean)
+                    self._update(l, g)
+            else:
+                loss, g = self.inverse_loss_grads(l, x, self._noise(rng, sigma, x))
+                self._update(l, g)
+            losses[fb.name] = loss
         return losses
 
-    def jacobian_errors(self, tr) -> dict:
-        """||J_g - J_f^T||_F / ||J_f||_F per feedback layer (not for SDTP's softmax-reading top)."""
+    def jacobian_errors(self, tr, n_samples: int = 8) -> dict:
+        """||J_g - J_f^T||_F / ||J_f||_F per feedback layer on the first samples of the batch
+        (not for SDTP's softmax-reading top)."""
         out = {}
-        for l, fb in enumerate(self.fb):
-            if fb is None or (self.name == "sdtp" and l == len(self.net) - 1):
+        for l in self.layers_with_feedback:
+            if self.name == "sdtp" and l == len(self.net) - 1:
                 continue
-            _, z = fb.forward(tr.ys[l])
-            out[fb.name] = jacobian_matching_error(self.net.layers[l], self.net.activations[l], tr.hs[l], fb, z)
+            out[self.fb[l].name] = jacobian_matching_error(self.net.layers[l], self.net.activations[l],
+                                                           self.fb[l], tr.xs[l], n_samples=n_samples)
         return out
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        from ..backend import to_numpy
-        state = {f"param/{fb.name}.{k}": to_numpy(v) for fb in self.fb if fb for k, v in fb.params.items()}
-        state.update({f"opt/{k}": v for k, v in self.opt.state_dict().items()})
+        state = {}
+        for l in self.layers_with_feedback:
+            fb = self.fb[l]
+            state.update({f"param/{fb.name}.{k}": to_numpy(v) for k, v in fb.params.items()})
+            state.update({f"opt/{fb.name}/{k}": v for k, v in self.opts[l].state_dict().items()})
         return state
 
     def load_state_dict(self, state: dict, xp) -> None:
-        for fb in self.fb:
-            if fb:
-                for k in fb.params:
-                    fb.params[k] = to_device(state[f"param/{fb.name}.{k}"].astype(fb.params[k].dtype), xp)
-        self.opt.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("opt/")}, xp)
+        for l in self.layers_with_feedback:
+            fb = self.fb[l]
+            for k in fb.params:
+                key = f"param/{fb.name}.{k}"
+                if key not in state:
+                    raise ValueError(f"checkpoint has no {key}: it was written by a different rule or network")
+                fb.params[k] = to_device(state[key].astype(fb.params[k].dtype), xp)
+            prefix = f"opt/{fb.name}/"
+            self.opts[l].load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, xp)
