@@ -19,6 +19,26 @@ from gait_ref.data import TASKS, DataFormatError
 from gait_ref.rules import RULES
 
 
+class PerLayer(click.ParamType):
+    """A number, or comma-separated numbers: one per feedback layer, g_1 first."""
+
+    name = "x[,x...]"
+
+    def __init__(self, cast):
+        self.cast = cast
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (list, tuple)):
+            return [self.cast(v) for v in value]
+        if not isinstance(value, str):
+            return self.cast(value)
+        try:
+            parts = [self.cast(v) for v in value.split(",")]
+        except ValueError:
+            self.fail(f"{value!r} is not a {self.cast.__name__} or a comma-separated list of them", param, ctx)
+        return parts[0] if len(parts) == 1 else parts
+
+
 def _read_config_file(path: str) -> dict:
     p = Path(path)
     text = p.read_text()
@@ -37,7 +57,8 @@ def _read_config_file(path: str) -> dict:
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--task", type=click.Choice(TASKS), help="Data set (default mnist, from its package).")
 @click.option("--arch", help="Architecture preset: mlp-shallow, mlp-deep, mlp-<W>x<N> (e.g. mlp-784x4), "
-                              "mlp-tower, conv7, bartunov-mlp. Default: the task's (bartunov-mlp for dtp/sdtp/ldrl).")
+                              "mlp-tower, conv7, bartunov-mlp, bartunov-lc, simple-vgg, vgg-<C1>-<C2>-... "
+                              "Default: the task's (bartunov-mlp for dtp/sdtp/ldrl).")
 @click.option("--rule", type=click.Choice(RULES), help="Learning rule (default gait: normalized GAIT-prop).")
 @click.option("--target-form", type=click.Choice(["absolute", "difference"]),
               help="Target recursion of tp/itp/gait: the papers' absolute targets, or the exact difference form.")
@@ -47,7 +68,12 @@ def _read_config_file(path: str) -> dict:
 @click.option("--epochs", type=click.IntRange(min=1))
 @click.option("--max-steps", type=click.IntRange(min=1), help="Stop after this many training steps.")
 @click.option("--batch-size", type=int)
-@click.option("--lr", type=float, help="Adam learning rate.")
+@click.option("--lr", type=float, help="Forward learning rate.")
+@click.option("--optimizer", type=click.Choice(["adam", "sgd"]), help="Forward optimiser (default: the preset's).")
+@click.option("--momentum", type=float, help="SGD momentum.")
+@click.option("--weight-decay", type=float, help="SGD L2 weight decay.")
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]),
+              help="Forward learning rate per epoch: constant, or cosine annealing to 1e-5.")
 @click.option("--gamma", type=float, help="GAIT-prop/ITP incremental factor (gamma0 for normalized gait).")
 @click.option("--gamma-norm", type=click.Choice(["l2", "squared"]), help="Normalized GAIT-prop distance norm.")
 @click.option("--gamma-sqrt-dim/--gamma-no-sqrt-dim", default=None,
@@ -58,11 +84,16 @@ def _read_config_file(path: str) -> dict:
               help="dtp/sdtp/ldrl: train forward and feedback weights every batch, or alternate epochs.")
 @click.option("--inverse-loss", type=click.Choice(["denoising", "noise-preserving"]),
               help="dtp/sdtp: the feedback (inverse) loss.")
+@click.option("--feedback-form", type=click.Choice(["bartunov", "ernoult"]),
+              help="dtp/sdtp/ldrl: g(u) = f_below(T_V u + c) (Bartunov) or T_V f(unpool u) + c (Ernoult).")
 @click.option("--dtp-alpha", type=float, help="DTP: step size of the penultimate target.")
-@click.option("--dtp-sigma", type=float, help="dtp/sdtp/ldrl: noise std for feedback training.")
-@click.option("--feedback-lr", type=float, help="dtp/sdtp/ldrl: feedback learning rate.")
+@click.option("--dtp-sigma", type=PerLayer(float),
+              help="dtp/sdtp/ldrl: noise std for feedback training; one value or one per feedback layer.")
+@click.option("--feedback-lr", type=PerLayer(float),
+              help="dtp/sdtp/ldrl: feedback learning rate; one value or one per feedback layer (g_1 first).")
 @click.option("--ldrl-beta", type=float, help="L-DRL: first target logits - beta dCE/dlogits.")
-@click.option("--ldrl-iters", type=click.IntRange(min=1), help="L-DRL: feedback iterations per batch.")
+@click.option("--ldrl-iters", type=PerLayer(int),
+              help="L-DRL: feedback iterations per batch; one value or one per feedback layer.")
 @click.option("--ortho-lambda", type=float, help="Orthogonality regulariser strength.")
 @click.option("--ortho-form", type=click.Choice(["full", "offdiag"]))
 @click.option("--loss", type=click.Choice(["cross_entropy", "mse"]))

@@ -25,16 +25,26 @@ conv7                  scaling paper, ImageNet: conv1 9x9/4 24 ch (not invertibl
                        K is larger), so conv1's stride is the largest of 4, 2, 1 for which
                        the last map holds n units: 4 at 224 px, 2 at 64 px, 1 at 32 px
                        with 1000 classes. The ordinary version keeps stride 4.
-bartunov-mlp           Bartunov et al. 2018 fully connected net (from Lee et al. 2015): 7 hidden
-                       layers of 240 tanh units, linear output, softmax cross-entropy, Glorot.
+bartunov-mlp           Bartunov et al. 2018 fully connected nets: MNIST (1 channel) 7 hidden
+                       layers of 240 tanh units (from Lee et al. 2015); CIFAR-10 (3 channels)
+                       3 hidden layers of 1024. Linear output, softmax cross-entropy, Glorot.
+bartunov-lc            Bartunov et al. 2018 locally connected nets, layers (receptive field,
+                       channels, stride, padding), tanh, then a linear dense output:
+                       MNIST (1 channel) (3, 32, 2, SAME), (3, 16, 1, SAME), (3, 16, 1, SAME),
+                       (3, 10, 1, VALID); CIFAR-10 (3 channels) (3, 32, 2, SAME),
+                       (3, 32, 2, SAME), (3, 16, 1, SAME), (3, 16, 2, SAME), (1, 10, 1, SAME).
+simple-vgg             Ernoult et al. 2022's SimpleVGG: five blocks conv 3x3/1 SAME -> ELU ->
+                       max-pool 2x2 with 128, 128, 256, 256, 512 channels, then a linear dense
+                       output (needs images of at least 32 px).
+vgg-<C1>-<C2>-...      the same blocks with the given channels (e.g. vgg-8-16 on MNIST).
 """
 from __future__ import annotations
 
 import math
 import re
 
-from .activations import Identity, LeakyReLU, Tanh
-from .layers import Conv2D, Dense
+from .activations import ELU, Identity, LeakyReLU, Tanh
+from .layers import Conv2D, ConvPool2D, Dense, LocallyConnected2D
 from .network import Network
 
 # (kernel, stride, filters) of conv2..conv7 in the scaling paper's ImageNet network
@@ -83,13 +93,61 @@ def tower_mlp(in_shape, n_classes, widths=(500, 200), slope=0.1):
     return Network(layers, [LeakyReLU(slope)] * len(layers))
 
 
-def bartunov_mlp(in_shape, n_classes, hidden=(240,) * 7, invertible=False):
-    n_in = math.prod(in_shape)
+# (receptive field, channels, stride, padding) of Bartunov et al.'s locally connected nets
+BARTUNOV_LC_MNIST = [(3, 32, 2, "same"), (3, 16, 1, "same"), (3, 16, 1, "same"), (3, 10, 1, "valid")]
+BARTUNOV_LC_CIFAR = [(3, 32, 2, "same"), (3, 32, 2, "same"), (3, 16, 1, "same"), (3, 16, 2, "same"),
+                     (1, 10, 1, "same")]
+SIMPLE_VGG = (128, 128, 256, 256, 512)
+
+
+def _learned_inverse_only(arch, invertible):
     if invertible:
-        raise ArchitectureError("bartunov-mlp uses learned inverses; it has no exact-inverse version")
+        raise ArchitectureError(f"{arch} is for rules with learned or no inverses (bp, fa, dfa, dtp, sdtp, "
+                                "ldrl); it has no exact-inverse version")
+
+
+def _one_or_three_channels(arch, in_shape):
+    if len(in_shape) != 3 or in_shape[0] not in (1, 3):
+        raise ArchitectureError(f"{arch} is defined for MNIST-like (1, H, W) and CIFAR-like (3, H, W) "
+                                f"images, got input shape {in_shape}")
+    return in_shape[0] == 1
+
+
+def bartunov_mlp(in_shape, n_classes, hidden=None, invertible=False):
+    _learned_inverse_only("bartunov-mlp", invertible)
+    n_in = math.prod(in_shape)
+    if hidden is None:
+        hidden = (240,) * 7 if len(in_shape) != 3 or in_shape[0] == 1 else (1024,) * 3
     sizes = list(hidden) + [n_classes]
     layers = _dense_stack(in_shape, sizes, [n_in] + list(hidden), [f"fc{i + 1}" for i in range(len(hidden))] + ["out"])
     return Network(layers, [Tanh()] * len(hidden) + [Identity()])
+
+
+def bartunov_lc(in_shape, n_classes, invertible=False):
+    _learned_inverse_only("bartunov-lc", invertible)
+    spec = BARTUNOV_LC_MNIST if _one_or_three_channels("bartunov-lc", in_shape) else BARTUNOV_LC_CIFAR
+    layers, prev = [], tuple(in_shape)
+    for i, (k, c, s, pad) in enumerate(spec):
+        layers.append(LocallyConnected2D(prev, k, s, n_out=c, padding=pad, name=f"lc{i + 1}"))
+        prev = layers[-1].out_shape
+    layers.append(Dense(prev, n_classes, name="out"))
+    return Network(layers, [Tanh()] * len(spec) + [Identity()])
+
+
+def vgg(in_shape, n_classes, channels=SIMPLE_VGG, invertible=False, name="simple-vgg"):
+    _learned_inverse_only(name, invertible)
+    if len(in_shape) != 3:
+        raise ArchitectureError(f"{name} needs image input (C, H, W), got shape {in_shape}")
+    need = 2 ** len(channels)
+    if min(in_shape[1:]) < need:
+        raise ArchitectureError(f"{name}: {len(channels)} max-pooling blocks need images of at least "
+                                f"{need} px, got {in_shape[1]}x{in_shape[2]}")
+    layers, prev = [], tuple(in_shape)
+    for i, c in enumerate(channels):
+        layers.append(ConvPool2D(prev, 3, 1, n_out=c, padding="same", name=f"block{i + 1}"))
+        prev = layers[-1].out_shape
+    layers.append(Dense(prev, n_classes, name="out"))
+    return Network(layers, [ELU()] * len(channels) + [Identity()])
 
 
 def conv7(in_shape, n_classes, invertible, slope=0.1):
@@ -118,7 +176,8 @@ def conv7(in_shape, n_classes, invertible, slope=0.1):
     return Network(layers, [LeakyReLU(slope)] * (len(layers) - 1) + [Identity()])
 
 
-ARCHS = ("mlp-shallow", "mlp-deep", "mlp-<W>x<N>", "mlp-tower", "conv7", "bartunov-mlp")
+ARCHS = ("mlp-shallow", "mlp-deep", "mlp-<W>x<N>", "mlp-tower", "conv7", "bartunov-mlp", "bartunov-lc",
+         "simple-vgg", "vgg-<C1>-<C2>-...")
 
 
 def build(arch: str, in_shape, n_classes: int, invertible: bool, linear: bool = False) -> Network:
@@ -137,4 +196,11 @@ def build(arch: str, in_shape, n_classes: int, invertible: bool, linear: bool = 
         return conv7(in_shape, n_classes, invertible)
     if arch == "bartunov-mlp":
         return bartunov_mlp(in_shape, n_classes, invertible=invertible)
+    if arch == "bartunov-lc":
+        return bartunov_lc(in_shape, n_classes, invertible=invertible)
+    if arch == "simple-vgg":
+        return vgg(in_shape, n_classes, invertible=invertible)
+    m = re.fullmatch(r"vgg((?:-\d+)+)", arch)
+    if m:
+        return vgg(in_shape, n_classes, [int(c) for c in m.group(1)[1:].split("-")], invertible, name=arch)
     raise ArchitectureError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")

@@ -26,7 +26,7 @@ from .data import BatchLoader, load_task
 from .linalg import SingularLayerError
 from .losses import make_loss
 from .metrics import compare_updates
-from .optim import Adam
+from .optim import SGD, Adam
 from .orthogonality import add_ortho_grads, orthogonality_report
 from .rules import make_rule
 
@@ -72,14 +72,20 @@ class Trainer:
         self.net.init(cfg.seed, cfg.init, self.xp, self.dtype)
         self.loss = make_loss(cfg.loss, self.data.n_classes, cfg.reduction)
         dtp = dict(alpha=cfg.dtp_alpha, beta=cfg.ldrl_beta, sigma=cfg.dtp_sigma, inverse_loss=cfg.inverse_loss,
-                   feedback_lr=cfg.feedback_lr, ldrl_iters=cfg.ldrl_iters)
+                   feedback_lr=cfg.feedback_lr, ldrl_iters=cfg.ldrl_iters, feedback_form=cfg.feedback_form,
+                   reduction=cfg.reduction)
         self.rule = make_rule(cfg.rule, self.net, seed=cfg.seed, gamma=cfg.gamma, form=cfg.target_form,
                               norm=cfg.gamma_norm, sqrt_dim=cfg.gamma_sqrt_dim, feedback_init=cfg.feedback_init,
                               n_classes=self.data.n_classes, dtp_options=dtp)
         self.learned_feedback = hasattr(self.rule, "feedback_step")
         self.bp = make_rule("bp", self.net)
-        self.opt = Adam(lr=cfg.lr, beta1=cfg.adam_beta1, beta2=cfg.adam_beta2, eps=cfg.adam_eps,
-                        eps_placement=cfg.adam_eps_placement)
+        if cfg.optimizer == "sgd":
+            self.opt = SGD(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        else:
+            if cfg.weight_decay or cfg.momentum:
+                raise ValueError("--weight-decay and --momentum apply to --optimizer sgd only")
+            self.opt = Adam(lr=cfg.lr, beta1=cfg.adam_beta1, beta2=cfg.adam_beta2, eps=cfg.adam_eps,
+                            eps_placement=cfg.adam_eps_placement)
         n_eval = len(test) if not cfg.eval_subset else min(cfg.eval_subset, len(test))
         self.eval_set = test if n_eval == len(test) else _Subset(test, n_eval)
         self.eval_loader = BatchLoader(self.eval_set, min(1000, n_eval), self.xp, self.dtype,
@@ -277,8 +283,18 @@ class Trainer:
             print(f"epoch {self.epoch} step {self.step} | {tr}test loss {rec['loss']:.4g} top1 {rec['top1']:.4f}{t5}",
                   flush=True)
 
+    def epoch_lr(self, epoch: int) -> float:
+        """The forward learning rate of ``epoch``: constant, or cosine annealing from lr to
+        1e-5 over the run (PyTorch's CosineAnnealingLR, as Ernoult et al.), set per epoch."""
+        cfg = self.cfg
+        if cfg.lr_schedule == "constant":
+            return cfg.lr
+        lo = min(1e-5, cfg.lr)
+        return lo + (cfg.lr - lo) * (1 + math.cos(math.pi * epoch / cfg.epochs)) / 2
+
     def _run_epoch(self, max_steps):
         cfg, xp = self.cfg, self.xp
+        self.opt.lr = self.epoch_lr(self.epoch)
         acc = self.acc
         last = None
         bar = _progress((self.train_loader.batches_per_epoch() - self.batch) * cfg.batch_size,

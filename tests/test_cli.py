@@ -132,6 +132,12 @@ def test_corrupt_checkpoint_gives_clear_error(tmp_path):
     (["--rule", "gait", "--arch", "bartunov-mlp", "--task", "synthetic"], "no exact-inverse version"),
     (["--arch", "resnet50", "--task", "synthetic"], "unknown architecture 'resnet50'"),
     (["--backend", "cupy", "--task", "synthetic"], "cupy"),
+    (["--rule", "ldrl", "--ldrl-iters", "3,4", "--task", "synthetic"],
+     "--ldrl-iters has 2 values, but the network has 7 feedback layers"),
+    (["--rule", "dtp", "--arch", "simple-vgg"], "5 max-pooling blocks need images of at least 32 px, got 28x28"),
+    (["--rule", "dtp", "--arch", "vgg-4-4-4-4", "--task", "synthetic"], "need images of at least 16 px, got 8x8"),
+    (["--rule", "bp", "--optimizer", "adam", "--momentum", "0.9", "--task", "synthetic"],
+     "--weight-decay and --momentum apply to --optimizer sgd only"),
 ])
 def test_error_paths_are_one_line(args, message):
     from gait_ref.backend import cupy_available
@@ -241,11 +247,19 @@ def test_plot_command(tmp_path):
     assert res.exit_code == 2 and "no metrics.jsonl" in res.output
 
 
-@pytest.mark.parametrize("rule,extra", [("dtp", []), ("sdtp", []), ("ldrl", []),
-                                        ("dtp", ["--schedule", "alternating", "--inverse-loss", "noise-preserving"])])
+@pytest.mark.parametrize("rule,extra", [
+    ("dtp", []), ("sdtp", []), ("ldrl", []),
+    ("dtp", ["--schedule", "alternating", "--inverse-loss", "noise-preserving"]),
+    ("dtp", ["--arch", "bartunov-lc", "--batch-size", 32]),
+    ("sdtp", ["--arch", "bartunov-lc", "--batch-size", 32]),
+    ("ldrl", ["--arch", "vgg-8-16", "--batch-size", 32, "--ldrl-iters", "10,5"]),
+    ("dtp", ["--arch", "vgg-8-16", "--batch-size", 32]),
+    ("sdtp", ["--arch", "vgg-8-16", "--batch-size", 32]),
+])
 def test_dtp_family_learns_mnist(tmp_path, rule, extra):
-    """Better than chance (10%) on real MNIST within a few hundred steps; with --schedule
-    alternating the first epoch trains only the feedback, so a 2-epoch run is used."""
+    """Better than chance (10%) on real MNIST within a few hundred steps, on the fully
+    connected, locally connected and conv-pool nets; with --schedule alternating the first
+    epoch trains only the feedback, so a 2-epoch run on a subset is used."""
     out = tmp_path / rule
     steps = ["--train-subset", 6000, "--epochs", 2] if "alternating" in extra else ["--max-steps", 200]
     res = run_cli("--task", "mnist", "--rule", rule, *steps, "--eval-subset", 1000, "--out", out,
@@ -253,7 +267,56 @@ def test_dtp_family_learns_mnist(tmp_path, rule, extra):
     assert res.exit_code == 0, res.output
     recs = records(out)
     assert recs[-1]["split"] == "test" and recs[-1]["top1"] > 0.3, recs[-1]
-    assert "jacobian_error" in [r for r in recs if "angles_deg" in r][0]
+    measured = [r for r in recs if "angles_deg" in r]
+    assert "jacobian_error" in measured[0] and len(measured[0]["angles_deg"]) == len(measured[0]["norm_ratio"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rule,arch", [("ldrl", "bartunov-lc"), ("sdtp", "vgg-8-16"), ("ldrl", "bartunov-mlp")])
+def test_dtp_family_learns_mnist_longer(tmp_path, rule, arch):
+    """One epoch on 20000 MNIST images: well above chance, and L-DRL's feedback aligned."""
+    out = tmp_path / rule
+    res = run_cli("--task", "mnist", "--rule", rule, "--arch", arch, "--train-subset", 20000, "--epochs", 1,
+                  "--batch-size", 64, "--eval-subset", 2000, "--out", out, "--angles-every", 150)
+    assert res.exit_code == 0, res.output
+    recs = records(out)
+    assert recs[-1]["top1"] > 0.6, recs[-1]
+    if rule == "ldrl":
+        jac = [r["jacobian_error"] for r in recs if "jacobian_error" in r]
+        assert all(jac[-1][k] < jac[0][k] for k in jac[0]), (jac[0], jac[-1])
+
+
+def test_per_layer_options_and_presets():
+    res = CliRunner().invoke(main, ["--rule", "ldrl", "--arch", "vgg-8-16", "--feedback-lr", "1e-3,0.2",
+                                    "--dtp-sigma", "0.3", "--print-config"])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads(res.output)
+    assert cfg["feedback_lr"] == [1e-3, 0.2] and cfg["dtp_sigma"] == 0.3 and cfg["ldrl_iters"] == [55, 20]
+    assert (cfg["optimizer"], cfg["lr"], cfg["momentum"], cfg["weight_decay"], cfg["lr_schedule"]) == \
+        ("sgd", 0.08, 0.9, 1e-4, "cosine")
+    cfg = json.loads(CliRunner().invoke(main, ["--rule", "ldrl", "--arch", "simple-vgg", "--print-config"]).output)
+    assert cfg["feedback_lr"] == [1e-4, 3.5e-4, 8e-3, 8e-3, 0.18] and cfg["ldrl_iters"] == [20, 30, 35, 55, 20]
+    assert cfg["dtp_sigma"] == [0.4, 0.4, 0.2, 0.2, 0.08] and cfg["ldrl_beta"] == 0.7 and cfg["batch_size"] == 128
+    res = CliRunner().invoke(main, ["--rule", "ldrl", "--feedback-lr", "1e-3,x", "--print-config"])
+    assert res.exit_code == 2 and "not a float or a comma-separated list" in res.output
+
+
+def test_cosine_schedule_and_sgd_resume_bit_exact(tmp_path):
+    common = ["--task", "mnist", "--train-subset", 256, "--eval-subset", 100, "--rule", "ldrl", "--arch", "vgg-4-4",
+              "--batch-size", 64, "--epochs", 3, "--ldrl-iters", 2, "--log-every", 2]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_cli(*common, "--out", a).exit_code == 0
+    assert run_cli(*common, "--max-steps", 6, "--out", b).exit_code == 0
+    assert run_cli(*common, "--out", b, "--resume").exit_code == 0
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("step_time_s", "images_per_s", "wall_time_s")}
+                        for r in rs]
+    assert strip(records(a)) == strip(records(b))
+    from gait_ref.config import Config
+    from gait_ref.train import Trainer
+    t = Trainer(Config(task="mnist", arch="vgg-4-4", rule="ldrl", epochs=4, lr=0.1, quiet=True))
+    lrs = [t.epoch_lr(e) for e in range(4)]
+    np.testing.assert_allclose(lrs, [1e-5 + (0.1 - 1e-5) * (1 + np.cos(np.pi * e / 4)) / 2 for e in range(4)])
+    assert lrs[0] == 0.1 and lrs[1] < lrs[0]
 
 
 def test_dtp_resume_is_bit_exact(tmp_path):
