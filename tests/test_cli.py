@@ -104,6 +104,28 @@ def test_user_data_tasks(tmp_path, cifar_dir, kmnist_dir, imagenet_dir, imagenet
             assert max(recs[0]["angles_deg"].values()) < 1.0
 
 
+@pytest.mark.parametrize("task,arch,rule", [
+    ("cifar10", "bartunov-lc", "dtp"), ("cifar10", "bartunov-mlp", "sdtp"), ("cifar10", "simple-vgg", "ldrl"),
+    ("kmnist", "bartunov-lc", "ldrl"), ("imagenet", "simple-vgg", "sdtp"), ("imagenet32", "simple-vgg", "ldrl"),
+    ("fashion-mnist", "vgg-8-16", "ldrl"),
+])
+def test_dtp_family_runs_on_every_task(tmp_path, cifar_dir, kmnist_dir, imagenet_dir, imagenet32_dir,
+                                       task, arch, rule):
+    """Each learned-feedback rule on the papers' architectures for each task (2 steps,
+    angles and Jacobian-matching errors measured, finite)."""
+    dirs = {"cifar10": cifar_dir, "kmnist": kmnist_dir, "imagenet": imagenet_dir, "imagenet32": imagenet32_dir}
+    out = tmp_path / "run"
+    data = ["--data", dirs[task]] if task in dirs else ["--eval-subset", 100]
+    res = run_cli("--task", task, *data, "--arch", arch, "--rule", rule, "--max-steps", 2, "--batch-size", 4,
+                  "--ldrl-iters", 1, "--out", out, "--angles-every", 1)
+    assert res.exit_code == 0, res.output
+    recs = records(out)
+    assert recs[-1]["split"] == "test" and recs[-1]["step"] == 2
+    jac = recs[0]["jacobian_error"]
+    assert jac and all(np.isfinite(v) and v > 0 for v in jac.values()), jac
+    assert all(np.isfinite(v) for v in recs[0]["angles_deg"].values())
+
+
 def test_resume_is_bit_exact(tmp_path):
     common = ["--task", "synthetic", "--rule", "gait", "--batch-size", 50, "--log-every", 3,
               "--angles-every", 4, "--epochs", 3]
