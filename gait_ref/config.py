@@ -171,16 +171,12 @@ class Config:
         c = dataclasses.replace(self)
         if c.arch is None:
             c.arch = "bartunov-mlp" if c.rule in DTP_RULES else TASK_DEFAULT_ARCH.get(c.task, "mlp-shallow")
-        for k, v in rule_presets(arch_family(c.arch), c.rule).items():
-            if getattr(c, k) is None:
-                setattr(c, k, v)
-        for k, v in dtp_presets(c.arch, c.rule).items():
-            if getattr(c, k) is None:
-                setattr(c, k, v)
-        for k, v in (("init", "orthogonal"), ("optimizer", "adam"), ("momentum", 0.0), ("weight_decay", 0.0),
-                     ("lr_schedule", "constant")):
-            if getattr(c, k) is None:
-                setattr(c, k, v)
+        for presets in (rule_presets(arch_family(c.arch), c.rule), dtp_presets(c.arch, c.rule),
+                        dict(init="orthogonal", optimizer="adam", momentum=0.0, weight_decay=0.0,
+                             lr_schedule="constant")):
+            for k, v in presets.items():
+                if getattr(c, k) is None:
+                    setattr(c, k, v)
         if c.schedule not in ("parallel", "alternating"):
             raise ValueError(f"--schedule must be parallel or alternating, got {c.schedule!r}")
         if c.optimizer not in ("adam", "sgd"):

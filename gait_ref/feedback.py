@@ -33,7 +33,7 @@ from __future__ import annotations
 import numpy as np
 
 from .activations import Identity
-from .backend import get_xp, to_device, to_numpy
+from .backend import get_xp, to_device
 from .init import draw_weights
 
 FORMS = ("bartunov", "ernoult")
@@ -96,14 +96,6 @@ class Feedback:
         da = self.s_in.deriv(gcache["p"]) * dp
         return self.s_out.deriv(gcache["z"]) * self.layer.linear_transpose(da, self.params["V"])
 
-    def state(self) -> dict:
-        return {k: to_numpy(v) for k, v in self.params.items()}
-
-
-def _repeat(a, n):
-    xp = get_xp(a)
-    return xp.repeat(a, n, axis=0)
-
 
 def jacobian_matching_error(layer, f, fb: Feedback, x, n_samples: int = 8, max_exact: int = 256,
                             n_probes: int = 64, seed: int = 0) -> float:
@@ -124,7 +116,7 @@ def jacobian_matching_error(layer, f, fb: Feedback, x, n_samples: int = 8, max_e
     rng = np.random.default_rng(seed)
     ratios = []
     for n in range(min(n_samples, x.shape[0])):
-        xr = _repeat(x[n:n + 1], P)
+        xr = xp.repeat(x[n:n + 1], P, axis=0)
         h, fcache = layer.forward(xr)
         y = f.f(h)
         if exact:

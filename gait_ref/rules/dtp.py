@@ -109,10 +109,6 @@ class DifferenceTargetProp:
             self.opts[l] = (SGD(lr=self.lrs[i], momentum=feedback_momentum) if mode == "ldrl"
                             else Adam(lr=self.lrs[i], eps_placement="tf"))
 
-    @property
-    def feedbacks(self):
-        return [self.fb[l] for l in self.layers_with_feedback]
-
     # ---- targets and forward updates ----------------------------------------------------------
     def _fb_input(self, l, y):
         """What g_l reads: the layer's output; for SDTP's top feedback, the softmax of the logits."""
