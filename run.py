@@ -62,7 +62,8 @@ def _read_config_file(path: str) -> dict:
 @click.option("--rule", type=click.Choice(RULES), help="Learning rule (default gait: normalized GAIT-prop).")
 @click.option("--target-form", type=click.Choice(["absolute", "difference"]),
               help="Target recursion of tp/itp/gait: the papers' absolute targets, or the exact difference form.")
-@click.option("--backend", type=click.Choice(BACKENDS), help="numpy (CPU, default) or cupy (GPU).")
+@click.option("--backend", type=click.Choice(BACKENDS),
+              help="numpy (CPU, default), cupy (GPU), or emulated (cupy's device path on the CPU, strict; for tests).")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), help="Default float32.")
 @click.option("--seed", type=int)
 @click.option("--epochs", type=click.IntRange(min=1))
@@ -109,13 +110,27 @@ def _read_config_file(path: str) -> dict:
               help="Train on S x S images, box-downscaled from the stored size (imagenet tasks; "
                    "default: the size of the shards).")
 @click.option("--out", type=click.Path(), help="Run folder: config.json, metrics.jsonl, checkpoints.")
-@click.option("--resume", is_flag=True, default=None, help="Continue from OUT/last.h5.")
+@click.option("--resume", is_flag=True, default=None,
+              help="Continue from OUT/last.h5 (or OUT/last.prev.h5 if last.h5 is damaged).")
+@click.option("--overwrite", is_flag=True, default=None,
+              help="Start again in an OUT that holds a checkpoint, deleting it.")
+@click.option("--allow-config-change", help="--resume: accept these changed options that alter the result "
+              "(comma-separated, e.g. lr,batch-size); recorded in metrics.jsonl and config.json.")
 @click.option("--angles-every", type=click.IntRange(min=0), help="Measure angles to BP every N steps.")
-@click.option("--checkpoint-every", type=click.IntRange(min=0), help="Also checkpoint every N steps.")
+@click.option("--checkpoint-every", type=click.IntRange(min=0),
+              help="Also checkpoint every N steps (default 0: at every epoch's end and at a --max-steps stop only).")
 @click.option("--log-every", type=click.IntRange(min=1), help="Train metrics every N steps.")
 @click.option("--eval-subset", type=click.IntRange(min=0), help="Evaluate on the first N test images only.")
 @click.option("--train-subset", type=click.IntRange(min=0), help="Train on the first N images only.")
 @click.option("--quiet", is_flag=True, default=None, help="No progress output.")
+@click.option("--loader-workers", type=click.IntRange(min=0),
+              help="Processes reading HDF5 shards in parallel (default 0: one reader thread).")
+@click.option("--in-memory", type=click.Choice(["host", "device"]),
+              help="Load the whole uint8 data set into host RAM or device memory first.")
+@click.option("--distributed", type=click.Choice(["none", "mpi"]),
+              help="mpi: data-parallel over the ranks of `mpirun -n N python run.py ...` (one GPU per rank).")
+@click.option("--comm-timeout", type=float,
+              help="--distributed mpi: abort the job when no step completes for this many seconds (default 600).")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
               help="TOML or YAML file with any of these options (command-line options win).")
 @click.option("--print-config", is_flag=True, help="Print the resolved configuration and exit.")
@@ -128,7 +143,8 @@ def main(config_file, print_config, **opts):
     try:
         cfg = Config.from_dict(values).resolved()
     except (ValueError, TypeError) as e:
-        raise click.UsageError(str(e)) from None
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
     if print_config:
         click.echo(json.dumps(cfg.to_dict(), indent=1))
         return

@@ -69,16 +69,13 @@ class LeakyReLU:
         """f^-1(y+d) - f^-1(y), exact piecewise: d / f'(y) wherever y and y + d lie on the
         same side of the kink (d when >= 0, d/a when < 0); where they cross it (rare for
         small d) the two ends are evaluated directly, and there |d| >= |y|, so that
-        subtraction does not cancel."""
+        subtraction does not cancel. Branch-free: no host read of where the crossings are."""
         xp = get_xp(y, d)
         a = y.dtype.type(self.slope)
-        pos = y >= 0
-        out = xp.where(pos, d, d / a)
         u = y + d
-        cross = pos != (u >= 0)
-        if bool(cross.any()):
-            out[cross] = self.inverse(u[cross]) - self.inverse(y[cross])
-        return out
+        pos, u_pos = y >= 0, u >= 0
+        # y >= 0: d (no crossing) or u/a - y (crossing down); y < 0: d/a or u - y/a (crossing up)
+        return xp.where(pos, xp.where(u_pos, d, u / a - y), xp.where(u_pos, u - y / a, d / a))
 
 
 class Tanh:

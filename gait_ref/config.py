@@ -22,6 +22,7 @@ reference codes (see ../shared/notes/ALGORITHMS.md):
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -164,6 +165,12 @@ class Config:
     eval_subset: int = 0
     train_subset: int = 0
     quiet: bool = False
+    loader_workers: int = 0
+    in_memory: str | None = None
+    overwrite: bool = False
+    allow_config_change: list | str | None = None
+    distributed: str = "none"
+    comm_timeout: float = 600.0
     extra: dict = field(default_factory=dict)
 
     def resolved(self) -> "Config":
@@ -177,15 +184,28 @@ class Config:
             for k, v in presets.items():
                 if getattr(c, k) is None:
                     setattr(c, k, v)
-        if c.schedule not in ("parallel", "alternating"):
-            raise ValueError(f"--schedule must be parallel or alternating, got {c.schedule!r}")
-        if c.optimizer not in ("adam", "sgd"):
-            raise ValueError(f"--optimizer must be adam or sgd, got {c.optimizer!r}")
-        if c.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"--lr-schedule must be constant or cosine, got {c.lr_schedule!r}")
         if c.gamma is None:
             c.gamma = {"gait": 1e-7, "gait-vanilla": 1e-3, "itp": 1e-3}.get(c.rule)
+        c.validate()
         return c
+
+    def validate(self) -> None:
+        """Every option's type and range, for the CLI and --config files alike; a ValueError
+        naming the option (as typed on the command line) and the value."""
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            rule = OPTION_RULES.get(f.name)
+            if rule is None or v is None:
+                continue
+            kind, check, want = rule
+            values = v if isinstance(v, list) and f.name in PER_LAYER else [v]
+            for x in values:
+                ok_type = (isinstance(x, bool) if kind is bool else
+                           isinstance(x, int) and not isinstance(x, bool) if kind is int else
+                           isinstance(x, (int, float)) and not isinstance(x, bool) if kind is float else
+                           isinstance(x, str))
+                if not ok_type or (kind is float and not math.isfinite(x)) or not check(x):
+                    raise ValueError(f"--{f.name.replace('_', '-')} must be {want}, got {x!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -197,3 +217,101 @@ class Config:
         if unknown:
             raise ValueError(f"unknown configuration keys: {', '.join(unknown)}")
         return cls(**d)
+
+
+def _choice(*options):
+    return (str, lambda v: v in options, "one of " + ", ".join(options))
+
+
+def _positive(kind=float):
+    return (kind, lambda v: v > 0, "> 0")
+
+
+def _at_least(lo, kind=int):
+    return (kind, lambda v: v >= lo, f">= {lo}")
+
+
+def _unit(closed_low=True):
+    return (float, lambda v: 0 <= v < 1, "in [0, 1)")
+
+
+# (type, check, what the message says it must be) per option; None values (unset) pass.
+OPTION_RULES = {
+    "task": (str, lambda v: True, "a task name"),
+    "backend": _choice("numpy", "cupy", "emulated"),
+    "dtype": _choice("float32", "float64"),
+    "target_form": _choice("absolute", "difference"),
+    "seed": _at_least(0),
+    "epochs": _at_least(1),
+    "max_steps": _at_least(1),
+    "batch_size": _at_least(1),
+    "lr": _positive(),
+    "gamma": _positive(),
+    "gamma_norm": _choice("l2", "squared"),
+    "gamma_sqrt_dim": (bool, lambda v: True, "true or false"),
+    "ortho_lambda": _at_least(0.0, float),
+    "ortho_form": _choice("full", "offdiag"),
+    "loss": _choice("cross_entropy", "mse"),
+    "reduction": _choice("sum", "mean"),
+    "adam_beta1": _unit(),
+    "adam_beta2": _unit(),
+    "adam_eps": _positive(),
+    "adam_eps_placement": _choice("tf", "hat"),
+    "feedback_init": _choice("orthogonal", "normal", "glorot"),
+    "init": _choice("orthogonal", "glorot", "normal"),
+    "optimizer": _choice("adam", "sgd"),
+    "momentum": _unit(),
+    "weight_decay": _at_least(0.0, float),
+    "lr_schedule": _choice("constant", "cosine"),
+    "schedule": _choice("parallel", "alternating"),
+    "inverse_loss": _choice("denoising", "noise-preserving"),
+    "feedback_form": _choice("bartunov", "ernoult"),
+    "dtp_alpha": _positive(),
+    "dtp_sigma": _at_least(0.0, float),
+    "feedback_lr": _positive(),
+    "ldrl_beta": _positive(),
+    "ldrl_iters": _at_least(1),
+    "linear": (bool, lambda v: True, "true or false"),
+    "image_size": _at_least(1),
+    "resume": (bool, lambda v: True, "true or false"),
+    "angles_every": _at_least(0),
+    "checkpoint_every": _at_least(0),
+    "log_every": _at_least(1),
+    "cond_every": _at_least(0),
+    "cond_max": (float, lambda v: v > 1, "> 1"),
+    "eval_subset": _at_least(0),
+    "train_subset": _at_least(0),
+    "quiet": (bool, lambda v: True, "true or false"),
+    "loader_workers": _at_least(0),
+    "in_memory": _choice("host", "device"),
+    "overwrite": (bool, lambda v: True, "true or false"),
+    "distributed": _choice("none", "mpi"),
+    "comm_timeout": _positive(),
+}
+PER_LAYER = ("dtp_sigma", "feedback_lr", "ldrl_iters")
+
+# Options that do not change what a run computes: a resumed run may change them freely.
+# (epochs may grow too, unless the learning rate schedule depends on it: see config_changes.)
+RESULT_NEUTRAL = {"quiet", "log_every", "max_steps", "checkpoint_every", "angles_every", "cond_every", "out",
+                  "resume", "overwrite", "allow_config_change", "data", "loader_workers", "in_memory",
+                  "comm_timeout", "distributed"}
+
+
+def config_changes(old: dict, new: dict) -> tuple[dict, dict]:
+    """(changes that alter the result, changes that do not): {option: [old, new]}."""
+    result, neutral = {}, {}
+    for k in sorted(set(old) | set(new)):
+        if k == "extra" or old.get(k) == new.get(k):
+            continue
+        change = [old.get(k), new.get(k)]
+        grows = k == "epochs" and None not in change and change[1] > change[0] and new.get("lr_schedule") == "constant"
+        (neutral if k in RESULT_NEUTRAL or grows else result)[k] = change
+    return result, neutral
+
+
+def allowed_changes(value) -> set:
+    """--allow-config-change 'lr,batch-size' (or a list) -> {'lr', 'batch_size'}."""
+    if not value:
+        return set()
+    items = value if isinstance(value, list) else str(value).split(",")
+    return {str(v).strip().replace("-", "_") for v in items if str(v).strip()}

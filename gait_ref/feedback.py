@@ -33,7 +33,7 @@ from __future__ import annotations
 import numpy as np
 
 from .activations import Identity
-from .backend import get_xp, to_device
+from .backend import get_xp, random_generator, read_scalars, to_device
 from .init import draw_weights
 
 FORMS = ("bartunov", "ernoult")
@@ -105,16 +105,17 @@ def jacobian_matching_error(layer, f, fb: Feedback, x, n_samples: int = 8, max_e
     u = y_n (what L-DRL trains towards J_f^T). Both are applied to probe directions E in
     the output space: J_f^T E by the layer's own backward map, J_g E by ``fb.jvp``. With
     at most ``max_exact`` output units the probes are the identity and the norms exact;
-    above, ``n_probes`` fixed-seed Gaussian probes give an unbiased estimate of both
-    squared norms (E[||A e||^2] = ||A||_F^2 for e ~ N(0, I)).
+    above, ``n_probes`` fixed-seed Gaussian probes (drawn on the device) give an unbiased
+    estimate of both squared norms (E[||A e||^2] = ||A||_F^2 for e ~ N(0, I)). The norms
+    stay on the device until one read at the end.
     """
     xp = get_xp(x)
     out_shape = tuple(layer.out_shape)
     n_out = int(np.prod(out_shape))
     exact = n_out <= max_exact
     P = n_out if exact else int(n_probes)
-    rng = np.random.default_rng(seed)
-    ratios = []
+    rng = random_generator(xp, [seed])
+    norms = []
     for n in range(min(n_samples, x.shape[0])):
         xr = xp.repeat(x[n:n + 1], P, axis=0)
         h, fcache = layer.forward(xr)
@@ -122,11 +123,12 @@ def jacobian_matching_error(layer, f, fb: Feedback, x, n_samples: int = 8, max_e
         if exact:
             E = xp.eye(n_out, dtype=x.dtype).reshape((P,) + out_shape)
         else:
-            E = to_device(rng.standard_normal((P,) + out_shape).astype(x.dtype), xp)
+            E = rng.standard_normal((P,) + out_shape, dtype=x.dtype)
         jft = layer.input_grad(E * f.deriv(h), fcache)               # rows of J_f^T E
         _, gcache = fb.forward(y, fcache)
         jg = fb.jvp(E, gcache, fcache)
-        num = float(xp.sqrt(((jg - jft) ** 2).sum()))
-        den = float(xp.sqrt((jft ** 2).sum()))
-        ratios.append(num / den if den > 0 else float("nan"))
+        norms += [((jg - jft) ** 2).sum(), (jft ** 2).sum()]
+    sq = np.array(read_scalars(norms)).reshape(-1, 2)                 # (n, 2): ||J_g - J_f^T||^2, ||J_f||^2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = np.where(sq[:, 1] > 0, np.sqrt(sq[:, 0] / sq[:, 1]), np.nan)
     return float(np.mean(ratios))

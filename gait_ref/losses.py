@@ -4,7 +4,10 @@ Each loss returns the loss value and dL/dy_L. Any loss becomes an output *target
 t_L = y_L - dL/dy_L (GAIT-prop NeurIPS sec. 5): the local loss 0.5 ||y_L - t_L||^2
 then has exactly the gradient dL/dy_L. (The scaling code writes t_L = y_L - 0.5 dL/dy_L
 with a local loss ||y_L - t_L||^2; it is the same target scale.)
-Reduction is a sum over the batch, as in both reference codes, or the mean.
+Reduction is a sum over the batch, as in both reference codes, or the mean. The loss
+value is a 0-d array on the batch's device (reading it is the caller's choice), and the
+mean divides by ``n_total``, the global batch size when a batch is split over processes
+(default: the rows given).
 """
 from __future__ import annotations
 
@@ -28,16 +31,16 @@ class SoftmaxCrossEntropy:
     def logits(self, y):
         return y[:, :self.n_classes]                                # (N, K)
 
-    def value_and_grad(self, y, labels):
-        """y : (N, O >= K), labels : (N,) int -> (loss float, dL/dy : (N, O))."""
+    def value_and_grad(self, y, labels, n_total=None):
+        """y : (N, O >= K), labels : (N,) int -> (loss : 0-d array, dL/dy : (N, O))."""
         xp = get_xp(y, labels)
         N, K = y.shape[0], self.n_classes
         z = self.logits(y)
         z = z - z.max(axis=1, keepdims=True)
         logp = z - xp.log(xp.exp(z).sum(axis=1, keepdims=True))     # (N, K)
         rows = xp.arange(N)
-        s = _scale(self.reduction, N)
-        loss = -float(logp[rows, labels].sum()) * s
+        s = _scale(self.reduction, N if n_total is None else n_total)
+        loss = -logp[rows, labels].sum() * s
         gy = xp.zeros_like(y)
         p = xp.exp(logp)
         p[rows, labels] -= 1
@@ -56,15 +59,15 @@ class MeanSquaredError:
     def logits(self, y):
         return y[:, :self.n_classes]
 
-    def value_and_grad(self, y, labels):
+    def value_and_grad(self, y, labels, n_total=None):
         xp = get_xp(y, labels)
         N, K = y.shape[0], self.n_classes
-        s = _scale(self.reduction, N)
+        s = _scale(self.reduction, N if n_total is None else n_total)
         diff = y[:, :K].copy()
         diff[xp.arange(N), labels] -= 1
         gy = xp.zeros_like(y)
         gy[:, :K] = diff * y.dtype.type(s)
-        return 0.5 * float((diff * diff).sum()) * s, gy
+        return (diff * diff).sum() * (0.5 * s), gy
 
 
 LOSSES = {"cross_entropy": SoftmaxCrossEntropy, "mse": MeanSquaredError}

@@ -19,22 +19,23 @@ FORMS = ("full", "offdiag")
 
 
 def ortho_penalty(W, form: str = "full"):
-    """(value, gradient) of the unscaled penalty for one square (D, D) matrix."""
+    """(value, gradient) of the unscaled penalty for one square (D, D) matrix; the value
+    is a 0-d array on W's device."""
     xp = get_xp(W)
     if form == "full":
         E = W @ W.T                                                 # (D, D)
         E[xp.diag_indices(E.shape[0])] -= 1                         # W W^T - I
-        return float((E * E).sum()), 4 * (E @ W)
+        return (E * E).sum(), 4 * (E @ W)
     if form == "offdiag":
         O = W.T @ W                                                 # W_p W_p^T
         O[xp.diag_indices(O.shape[0])] = 0                          # * (J - I)
-        return float((O * O).sum()), 4 * (W @ O)
+        return (O * O).sum(), 4 * (W @ O)
     raise ValueError(f"unknown orthogonality form {form!r}; choose one of {FORMS}")
 
 
-def add_ortho_grads(net, grads, lam: float, form: str = "full") -> float:
+def add_ortho_grads(net, grads, lam: float, form: str = "full"):
     """grads[l]['W'] += lam * d penalty / dW for every square 2-D layer, in place.
-    Returns the summed penalty (unscaled by lam)."""
+    Returns the summed penalty (unscaled by lam; a 0-d device array, or 0.0)."""
     total = 0.0
     if not lam:
         return total

@@ -1,15 +1,26 @@
-"""The training loop: data, network, rule, optimiser, metrics, checkpoints, resume.
+"""The training loop: epochs, logging cadence, evaluation, checkpoints, divergence.
 
-One step: forward pass -> loss and dL/dy_L -> the rule's updates (on BP's scale) ->
-(every --angles-every steps) BP's updates on the same forward pass and the angles ->
-plus the orthogonality regulariser's gradient -> Adam. Metrics go to
-``metrics.jsonl`` (one JSON object per line), checkpoints to ``last.h5``.
+The maths of one step lives in ``gait_ref.step``, the run folder (lock, config,
+metrics, checkpoints) in ``gait_ref.runfolder``, the reductions over processes in
+``gait_ref.distributed``. This module decides when each happens.
+
+Host-device traffic per training step, on a device backend: one host-to-device copy
+(the batch, images and labels packed together) and one device-to-host read (the
+previous step's finiteness checks, read after this step's work is queued, so the host
+never waits for the step it has just launched). Losses, correct counts and timings
+accumulate on the device and are read once per metrics record. Logging steps (a
+record, an angle measurement, a conditioning check, a checkpoint, an evaluation) read
+more.
+
+Metrics records (``metrics.jsonl``): ``split`` train records every ``--log-every``
+steps with the mean per-sample loss, top-1, ``step_time_s`` (device time of a step),
+``data_wait_s`` (host time a step waited for its batch) and ``images_per_s`` (global
+images per second of wall time, waiting included); ``test`` records at every epoch's
+end (and at a ``--max-steps`` stop).
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import platform
 import sys
 import time
@@ -19,20 +30,21 @@ import numpy as np
 
 from . import __version__
 from .architectures import build
-from .backend import backend_name, get_backend, synchronize, to_numpy
-from .checkpoint import load_checkpoint, restore_params, save_checkpoint
+from .backend import StepTimer, backend_name, get_backend, read_scalars, to_device, to_numpy
+from .checkpoint import restore_params
 from .config import TARGET_RULES, Config
 from .data import BatchLoader, load_task
-from .linalg import SingularLayerError
+from .distributed import LOCAL
 from .losses import make_loss
-from .metrics import compare_updates
 from .optim import SGD, Adam
-from .orthogonality import add_ortho_grads, orthogonality_report
+from .orthogonality import orthogonality_report
 from .rules import make_rule
+from .runfolder import RunFolder
+from .step import TrainStep, topk_correct
 
 
 class DivergenceError(RuntimeError):
-    """Training diverged: a non-finite loss or update, or a singular square layer."""
+    """Training diverged: a non-finite loss, output, update or weight, or a singular square layer."""
 
 
 def _progress(total, desc, quiet):
@@ -41,32 +53,40 @@ def _progress(total, desc, quiet):
                 disable=quiet or not sys.stderr.isatty(), dynamic_ncols=True)
 
 
-def topk_correct(logits, labels, k):
-    """How many rows have their label among the k largest logits."""
-    xp_logits = to_numpy(logits)
-    lab = to_numpy(labels)
-    top = np.argpartition(-xp_logits, kth=min(k, xp_logits.shape[1]) - 1, axis=1)[:, :k]
-    return int((top == lab[:, None]).any(axis=1).sum())
+def blas_info() -> list:
+    """Which BLAS/LAPACK libraries and thread counts this process runs (threadpoolctl)."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:  # pragma: no cover - threadpoolctl is a dependency
+        return []
+    return [{k: d.get(k) for k in ("internal_api", "version", "num_threads", "architecture", "filepath")}
+            for d in threadpool_info()]
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, comm=LOCAL):
         self.cfg = cfg = cfg.resolved()
+        self.comm = comm
         self.xp = get_backend(cfg.backend)
-        if cfg.dtype not in ("float32", "float64"):
-            raise ValueError(f"--dtype must be float32 or float64, got {cfg.dtype!r}")
-        if cfg.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {cfg.batch_size}")
         self.dtype = np.dtype(cfg.dtype)
-        self.data = load_task(cfg.task, cfg.data, quiet=cfg.quiet)
+        self.data = load_task(cfg.task, cfg.data, quiet=cfg.quiet or not comm.is_root)
         train, test = self.data.train, self.data.test
         if cfg.train_subset:
             from .data import ArraySet
             idx = np.arange(min(cfg.train_subset, len(train)))
             train = ArraySet(*train.read(idx), self.data.n_classes)
+        self.train_set = train
+        n_eval = len(test) if not cfg.eval_subset else min(cfg.eval_subset, len(test))
+        self.eval_set = test if n_eval == len(test) else _Subset(test, n_eval)
+        self.out = RunFolder(cfg.out, quiet=cfg.quiet) if cfg.out and comm.is_root else None
         self.invertible = cfg.rule in TARGET_RULES
+        part = (comm.rank, comm.size)
         self.train_loader = BatchLoader(train, cfg.batch_size, self.xp, self.dtype, shuffle=True, seed=cfg.seed,
-                                        image_size=cfg.image_size)
+                                        image_size=cfg.image_size, workers=cfg.loader_workers,
+                                        in_memory=cfg.in_memory, part=part, quiet=cfg.quiet)
+        self.eval_loader = BatchLoader(self.eval_set, min(1000, n_eval), self.xp, self.dtype, shuffle=False,
+                                       drop_last=False, image_size=cfg.image_size, part=part,
+                                       in_memory=cfg.in_memory if cfg.in_memory == "device" else None)
         self.net = build(cfg.arch, self.train_loader.in_shape, self.data.n_classes, self.invertible,
                          linear=cfg.linear)
         self.net.init(cfg.seed, cfg.init, self.xp, self.dtype)
@@ -77,8 +97,6 @@ class Trainer:
         self.rule = make_rule(cfg.rule, self.net, seed=cfg.seed, gamma=cfg.gamma, form=cfg.target_form,
                               norm=cfg.gamma_norm, sqrt_dim=cfg.gamma_sqrt_dim, feedback_init=cfg.feedback_init,
                               n_classes=self.data.n_classes, dtp_options=dtp)
-        self.learned_feedback = hasattr(self.rule, "feedback_step")
-        self.bp = make_rule("bp", self.net)
         if cfg.optimizer == "sgd":
             self.opt = SGD(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         else:
@@ -86,111 +104,125 @@ class Trainer:
                 raise ValueError("--weight-decay and --momentum apply to --optimizer sgd only")
             self.opt = Adam(lr=cfg.lr, beta1=cfg.adam_beta1, beta2=cfg.adam_beta2, eps=cfg.adam_eps,
                             eps_placement=cfg.adam_eps_placement)
-        n_eval = len(test) if not cfg.eval_subset else min(cfg.eval_subset, len(test))
-        self.eval_set = test if n_eval == len(test) else _Subset(test, n_eval)
-        self.eval_loader = BatchLoader(self.eval_set, min(1000, n_eval), self.xp, self.dtype,
-                                       shuffle=False, drop_last=False, image_size=cfg.image_size)
-        self.rng = np.random.default_rng([cfg.seed, 3])  # for stochastic rules; checkpointed
+        self.step_fn = TrainStep(self.net, self.loss, self.rule, self.opt, ortho_lambda=cfg.ortho_lambda,
+                                 ortho_form=cfg.ortho_form, schedule=cfg.schedule, seed=cfg.seed, comm=comm)
         self.step, self.epoch, self.batch = 0, 0, 0
-        self.out = Path(cfg.out) if cfg.out else None
-        self.metrics_lines = 0
-        self.acc = _fresh_acc()  # train metrics accumulated since the last train record
+        self.pending_eval = False          # a checkpoint saved at an epoch's end, before its evaluation
+        self.saved_once = False
+        self.timer = StepTimer(self.xp)
+        self._reset_acc()
         self.wall_before, self.t_start = 0.0, time.perf_counter()  # wall time, across resumes
+        self.last_feedback_loss = {}
 
-    # ---- bookkeeping ----------------------------------------------------------------------
-    def _meta(self):
-        return {"step": self.step, "epoch": self.epoch, "batch": self.batch, "acc": self.acc,
-                "wall_time_s": self.wall_time(),
-                "metrics_lines": self.metrics_lines, "rng": self.rng.bit_generator.state,
-                "config": self.cfg.to_dict()}
+    # ---- bookkeeping ----------------------------------------------------------------------------------
+    def _reset_acc(self):
+        """Train metrics since the last train record: device sums, host counts."""
+        self.acc = {"loss": None, "correct": None, "n": 0, "steps": 0, "data_wait": 0.0,
+                    "t0": time.perf_counter()}
+
+    def _acc_host(self) -> dict:
+        """The accumulators as plain numbers (one read), for a record or a checkpoint."""
+        a = self.acc
+        loss, correct = read_scalars([0.0 if a["loss"] is None else a["loss"],
+                                      0.0 if a["correct"] is None else a["correct"]])
+        return {"loss": loss, "correct": correct, "n": a["n"], "steps": a["steps"], "data_wait": a["data_wait"],
+                "time": self.timer.total_s() + a.get("time", 0.0), "wall": time.perf_counter() - a["t0"]
+                + a.get("wall", 0.0)}
 
     def wall_time(self) -> float:
         return self.wall_before + time.perf_counter() - self.t_start
 
+    def _meta(self):
+        acc = self._acc_host()
+        self.acc.update(loss=None, correct=None, time=acc["time"], wall=acc["wall"], t0=time.perf_counter())
+        self.acc["loss"], self.acc["correct"] = self._dev_scalar(acc["loss"]), self._dev_scalar(acc["correct"])
+        return {"step": self.step, "epoch": self.epoch, "batch": self.batch, "acc": acc,
+                "pending_eval": self.pending_eval, "wall_time_s": self.wall_time(), "config": self.cfg.to_dict()}
+
+    def _dev_scalar(self, v):
+        return to_device(np.asarray(v, np.float64), self.xp)
+
     def save(self):
-        if self.out:
+        """Checkpoint (rank 0 writes; every rank's replicas are identical)."""
+        if not self.cfg.out:
+            return
+        meta = self._meta()
+        if self.out is not None:
             state = self.opt.state_dict()
-            if self.learned_feedback:
+            if self.step_fn.learned_feedback:
                 state.update({f"rule/{k}": v for k, v in self.rule.state_dict().items()})
-            save_checkpoint(self.out / "last.h5", self.net.parameters(), state, self._meta())
+            self.out.save(self.net.parameters(), state, meta)
+        self.saved_once = True
+        self.comm.barrier()
 
     def _resume(self):
-        params, opt_state, meta = load_checkpoint(self.out / "last.h5")
+        params, opt_state, meta, changes = self._load_checkpoint()
         restore_params(self.net, params, self.xp)
         self.opt.load_state_dict({k: v for k, v in opt_state.items() if not k.startswith("rule/")}, self.xp)
-        if self.learned_feedback:
+        if self.step_fn.learned_feedback:
             self.rule.load_state_dict({k[5:]: v for k, v in opt_state.items() if k.startswith("rule/")}, self.xp)
         self.step, self.epoch, self.batch = meta["step"], meta["epoch"], meta["batch"]
-        self.rng.bit_generator.state = meta["rng"]
-        self.acc = meta["acc"]
+        acc = meta["acc"]
+        self.acc = {"loss": self._dev_scalar(acc["loss"]), "correct": self._dev_scalar(acc["correct"]),
+                    "n": acc["n"], "steps": acc["steps"], "data_wait": acc.get("data_wait", 0.0),
+                    "time": acc["time"], "wall": acc.get("wall", acc["time"]), "t0": time.perf_counter()}
+        self.pending_eval = meta.get("pending_eval", False)
         self.wall_before = meta["wall_time_s"]
-        self.metrics_lines = meta["metrics_lines"]
-        path = self.out / "metrics.jsonl"
-        lines = path.read_text().splitlines(keepends=True) if path.exists() else []
-        tmp = path.with_name("metrics.jsonl.tmp")
-        tmp.write_text("".join(lines[:self.metrics_lines]))
-        os.replace(tmp, path)
+        self.saved_once = True
+        if self.out is not None:
+            self.out.truncate_metrics(meta["metrics_lines"])
+            if changes:
+                self.log({"epoch": self.epoch, "step": self.step, "split": "config_change", "changes": changes})
+        return changes
+
+    def _load_checkpoint(self):
+        """Rank 0 reads and checks the checkpoint; the other ranks read the file it chose."""
+        from .checkpoint import load_checkpoint
+        from .runfolder import RunFolderError
+        if self.comm.is_root:
+            try:
+                params, state, meta, changes, path = self.out.load(self.cfg.to_dict(), self.cfg.allow_config_change)
+            except Exception as e:
+                self.comm.bcast_object(("error", str(e)))
+                raise
+            self.comm.bcast_object(("ok", str(path)))
+            return params, state, meta, changes
+        status, what = self.comm.bcast_object(None)
+        if status == "error":
+            raise RunFolderError(what)
+        params, state, meta = load_checkpoint(what)
+        return params, state, meta, {}
 
     def log(self, record: dict):
-        if not self.out:
+        if self.out is not None:
+            self.out.log(record)
+
+    def write_config(self, changes=None):
+        if self.out is None:
             return
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        self.metrics_lines += 1
-
-    def write_config(self):
+        xp = self.xp
         info = {"config": self.cfg.to_dict(), "gait_ref": __version__, "python": platform.python_version(),
-                "numpy": np.__version__, "backend": backend_name(self.xp), "data_source": self.data.source,
+                "numpy": np.__version__, "backend": backend_name(xp), "data_source": self.data.source,
                 "n_classes": self.data.n_classes, "in_shape": list(self.train_loader.in_shape),
-                "network": self.net.describe().splitlines()}
-        if backend_name(self.xp) == "cupy":
-            info["cupy"] = self.xp.__version__
-        tmp = self.out / "config.json.tmp"
-        tmp.write_text(json.dumps(info, indent=1))
-        os.replace(tmp, self.out / "config.json")
+                "world_size": self.comm.size, "blas": blas_info(), "network": self.net.describe().splitlines()}
+        if backend_name(xp) != "numpy":
+            info["cupy"] = xp.__version__
+        self.out.write_config(info, changes, self.step)
 
-    # ---- one step ----------------------------------------------------------------------------
-    def train_step(self, x, y, measure_angles: bool):
-        net, xp = self.net, self.xp
-        tr = net.forward(x)
-        loss, gy = self.loss.value_and_grad(tr.output, y)
-        if not math.isfinite(loss):
-            raise DivergenceError(f"step {self.step}: loss is {loss}")
-        extra = {}
-        train_forward, train_feedback = True, False
-        if self.learned_feedback:  # alternating: even epochs train the feedback, odd ones the forward
-            alternating = self.cfg.schedule == "alternating"
-            train_forward = not alternating or self.epoch % 2 == 1
-            train_feedback = not alternating or self.epoch % 2 == 0
-            if train_feedback and self.rule.feedback_first:       # L-DRL: feedback first, forward frozen
-                extra["feedback_loss"] = self.rule.feedback_step(tr, self.rng)
-            # the forward updates are not needed in a feedback-only epoch, unless measured
-            grads, info = (self.rule.compute(tr, gy, labels=y) if train_forward or measure_angles
-                           else (None, {}))
-            if train_feedback and not self.rule.feedback_first:   # DTP/SDTP: targets, then inverses
-                extra["feedback_loss"] = self.rule.feedback_step(tr, self.rng)
-        else:
-            grads, info = self.rule.compute(tr, gy)
-        if measure_angles:
-            bp_grads, _ = self.bp.compute(tr, gy)
-            cmp = compare_updates(net, grads, bp_grads)
-            extra["angles_deg"] = {k: v["angle_deg"] for k, v in cmp.items()}
-            extra["norm_ratio"] = {k: v["norm_ratio"] for k, v in cmp.items()}
-            if "target_distance" in info:
-                extra["target_distance"] = {l.name: d for l, d in zip(net.layers, info["target_distance"])}
-            if self.learned_feedback:
-                extra["jacobian_error"] = self.rule.jacobian_errors(tr)
-        elif "feedback_loss" in extra and (self.step % self.cfg.log_every):
-            del extra["feedback_loss"]                      # logged with the train records only
-        if train_forward:
-            add_ortho_grads(net, grads, self.cfg.ortho_lambda, self.cfg.ortho_form)
-            flat = {f"{l.name}.{k}": g[k] for l, g in zip(net.layers, grads) for k in g}
-            for name, g in flat.items():
-                if not bool(xp.isfinite(g).all()):
-                    raise DivergenceError(f"step {self.step}: non-finite update for {name}")
-            self.opt.step(net.parameters(), flat)
-        logits = self.loss.logits(tr.output)
-        return loss, topk_correct(logits, y, 1), extra
+    # ---- checks ---------------------------------------------------------------------------------------
+    def _verify_data(self):
+        """Verify every shard this run will read before the first step (cached)."""
+        from .data.packaged import cache_dir
+        for name, data in (("train", self.train_set), ("eval", self.eval_set)):
+            data = getattr(data, "data", data)
+            if hasattr(data, "verify"):
+                cache = (Path(self.cfg.out) / "shard_verification.json" if self.cfg.out else
+                         cache_dir() / "shard-verification.json")
+                if self.comm.is_root:
+                    data.verify(cache, quiet=self.cfg.quiet)
+                self.comm.barrier()
+                if not self.comm.is_root:
+                    data.verify(cache, quiet=True)       # reads rank 0's cache: no re-hashing
 
     def check_conditioning(self):
         if not self.invertible:
@@ -202,72 +234,119 @@ class Trainer:
                                       f"{r['cond']:.3g} > {self.cfg.cond_max:g}")
         return rep
 
+    def _check(self, step_no: int, result) -> None:
+        """Read a step's finiteness checks; DivergenceError naming the first that failed."""
+        if result is None:
+            return
+        failed = result.first_failure(to_numpy(result.checks))
+        if failed:
+            self._diverged(f"step {step_no}: {failed} is not finite")
+
+    def _diverged(self, msg: str):
+        self.check_conditioning()          # a singular square layer is the usual cause: name it
+        raise DivergenceError(msg)
+
     def evaluate(self):
-        n, loss, top1, top5 = 0, 0.0, 0, 0
+        """Mean per-sample loss, top-1 (and top-5 with more than 5 classes) on the eval set."""
+        xp = self.xp
         k5 = self.data.n_classes > 5
+        sums = [xp.zeros((), dtype=xp.float64) for _ in range(3)]
         for _, x, y in self.eval_loader.epoch(0):
             out = self.net.forward(x).output
-            l, _ = self.loss.value_and_grad(out, y)
+            l, _ = self.loss.value_and_grad(out, y, n_total=1)     # 'mean' over 1 row: the sum over rows
             logits = self.loss.logits(out)
-            loss += l * (len(y) if self.cfg.reduction == "mean" else 1)
-            top1 += topk_correct(logits, y, 1)
-            top5 += topk_correct(logits, y, 5) if k5 else 0
-            n += len(y)
+            sums[0] = sums[0] + l.astype(xp.float64)
+            sums[1] = sums[1] + topk_correct(logits, y, 1)
+            if k5:
+                sums[2] = sums[2] + topk_correct(logits, y, 5)
+        loss, top1, top5 = read_scalars(self.comm.allreduce_sum(sums))
+        n = len(self.eval_set)
         rec = {"loss": loss / n, "top1": top1 / n}
         if k5:
             rec["top5"] = top5 / n
         return rec
 
-    # ---- the loop -------------------------------------------------------------------------------
-    def run(self):
+    # ---- the loop ----------------------------------------------------------------------------------------------
+    def run(self, on_step=None):
+        """Train. ``on_step(step, logged)`` is called after every step (tests and benchmarks
+        count device traffic with it); ``logged`` says the step logged, measured or saved."""
         cfg = self.cfg
-        if self.out:
-            self.out.mkdir(parents=True, exist_ok=True)
-            if cfg.resume:
-                self._resume()
-            else:
-                for name in ("metrics.jsonl", "last.h5", "last.prev.h5"):
-                    (self.out / name).unlink(missing_ok=True)
-            self.write_config()
-        elif cfg.resume:
+        if self.out is not None:
+            self.out.acquire()
+        try:
+            return self._run(on_step)
+        finally:
+            if self.out is not None:
+                self.out.release()
+            self.train_loader.close()
+            self.eval_loader.close()
+
+    def _run(self, on_step):
+        cfg = self.cfg
+        changes = None
+        if cfg.resume and not cfg.out:
             raise ValueError("--resume needs --out DIR (where the checkpoint is)")
+        if cfg.out:
+            if cfg.resume:
+                changes = self._resume()
+            elif self.out is not None:
+                self.out.start_fresh(cfg.overwrite)
+            self.comm.barrier()
+            self.write_config(changes)
+        self._verify_data()                 # before any reader starts or data is loaded into memory
         max_steps = cfg.max_steps or math.inf
         per_epoch = self.train_loader.batches_per_epoch()
-        if not cfg.quiet:
+        if not cfg.quiet and self.comm.is_root:
+            ranks = f" | {self.comm.size} processes" if self.comm.size > 1 else ""
             print(f"{cfg.task} | {cfg.arch} | {cfg.rule} | {cfg.backend} {cfg.dtype} | "
-                  f"{per_epoch} batches of {cfg.batch_size} per epoch | data: {self.data.source}", flush=True)
-        last = None
+                  f"{per_epoch} batches of {cfg.batch_size} per epoch{ranks} | data: {self.data.source}", flush=True)
         try:
+            if self.pending_eval:                                  # resumed between a save and its evaluation
+                self._log_eval(None)
+            last = None
             while self.epoch < cfg.epochs and self.step < max_steps:
-                last = self._run_epoch(max_steps)
+                last = self._run_epoch(max_steps, on_step)
                 if self.batch >= per_epoch:  # the epoch finished
                     last = self._flush_train() or last
                     self.epoch, self.batch = self.epoch + 1, 0
+                    self.pending_eval = True
+                    self.save()                                    # before evaluating: a bad eval loses nothing
                     self._log_eval(last)
-                    self.save()
-        except (SingularLayerError, DivergenceError) as e:
+                    if on_step is not None:                        # the epoch's last step, its records done
+                        on_step(self.step, True)
+            if self.batch:  # stopped mid-epoch by --max-steps
+                # checkpoint first: a resumed run drops the end-of-run records below and goes
+                # on exactly as an uninterrupted run would
+                self.save()
+                last = self._flush_train() or last
+                self._log_eval(last)
+        except (DivergenceError, np.linalg.LinAlgError) as e:
             msg = str(e) if isinstance(e, DivergenceError) else f"step {self.step}: {e}"
-            raise DivergenceError(msg + ("; the last good checkpoint is kept in " + str(self.out / "last.h5")
-                                         if self.out else "")) from None
-        if self.batch:  # stopped mid-epoch by --max-steps
-            # checkpoint first: a resumed run drops the end-of-run records below and goes
-            # on exactly as an uninterrupted run would
-            self.save()
-            last = self._flush_train() or last
-            self._log_eval(last)
+            if isinstance(e, np.linalg.LinAlgError):
+                try:
+                    self.check_conditioning()
+                except DivergenceError as d:
+                    msg = str(d)
+            kept = self.out.checkpoint if self.out is not None else None
+            if kept is not None and self.saved_once and kept.exists():
+                msg += f"; the last good checkpoint is kept in {kept}"
+            raise DivergenceError(msg) from None
         return self
 
     def _flush_train(self, extra=None):
         """Write the train metrics accumulated since the last train record."""
-        acc = self.acc
-        if not acc["steps"]:
+        if not self.acc["steps"]:
             return None
-        rec = {"epoch": self.epoch, "step": self.step, "split": "train",
-               "loss": acc["loss"] / acc["steps"], "top1": acc["correct"] / acc["n"],
-               "step_time_s": acc["time"] / acc["steps"], "images_per_s": acc["n"] / max(acc["time"], 1e-12)}
+        a = self._acc_host()
+        rec = {"epoch": self.epoch, "step": self.step, "split": "train", "loss": a["loss"] / a["n"],
+               "top1": a["correct"] / a["n"], "step_time_s": a["time"] / a["steps"],
+               "data_wait_s": a["data_wait"] / a["steps"], "images_per_s": a["n"] / max(a["wall"], 1e-12)}
+        if self.last_feedback_loss:
+            names = list(self.last_feedback_loss)
+            rec["feedback_loss"] = dict(zip(names, read_scalars(self.last_feedback_loss.values())))
         rec.update(extra or {})
         self.log(rec)
-        self.acc = _fresh_acc()
+        self._reset_acc()
         return rec
 
     def _log_eval(self, last_train):
@@ -277,7 +356,8 @@ class Trainer:
         if rep:
             rec["ortho_error"] = {k: v["ortho_error"] for k, v in rep.items()}
         self.log(rec)
-        if not self.cfg.quiet:
+        self.pending_eval = False
+        if not self.cfg.quiet and self.comm.is_root:
             tr = f"train loss {last_train['loss']:.4g} top1 {last_train['top1']:.4f} | " if last_train else ""
             t5 = f" top5 {rec['top5']:.4f}" if "top5" in rec else ""
             print(f"epoch {self.epoch} step {self.step} | {tr}test loss {rec['loss']:.4g} top1 {rec['top1']:.4f}{t5}",
@@ -292,47 +372,65 @@ class Trainer:
         lo = min(1e-5, cfg.lr)
         return lo + (cfg.lr - lo) * (1 + math.cos(math.pi * epoch / cfg.epochs)) / 2
 
-    def _run_epoch(self, max_steps):
-        cfg, xp = self.cfg, self.xp
+    def _run_epoch(self, max_steps, on_step):
+        cfg = self.cfg
         self.opt.lr = self.epoch_lr(self.epoch)
-        acc = self.acc
-        last = None
+        last, pending = None, None
+        shares = np.array_split(np.arange(cfg.batch_size), self.comm.size)
+        start = int(shares[self.comm.rank][0]) if len(shares[self.comm.rank]) else 0
         bar = _progress((self.train_loader.batches_per_epoch() - self.batch) * cfg.batch_size,
-                        f"epoch {self.epoch}", cfg.quiet)
+                        f"epoch {self.epoch}", cfg.quiet or not self.comm.is_root)
+        batches = self.train_loader.epoch(self.epoch, self.batch)
         try:
-            for b, x, y in self.train_loader.epoch(self.epoch, self.batch):
+            while True:
+                t_wait = time.perf_counter()
+                item = next(batches, None)
+                if item is None:
+                    break
+                b, x, y = item
+                self.acc["data_wait"] += time.perf_counter() - t_wait
                 self.step += 1
                 measure = bool(cfg.angles_every) and (self.step - 1) % cfg.angles_every == 0
-                t0 = time.perf_counter()
-                loss, correct, extra = self.train_step(x, y, measure)
-                synchronize(xp)
-                dt = time.perf_counter() - t0
+                self.timer.start()
+                res = self.step_fn(x, y, step=self.step, epoch=self.epoch, n_total=cfg.batch_size, start=start,
+                                   measure=measure)
+                self.timer.stop()
+                self._check(self.step - 1, pending)            # the previous step's checks: it is done by now
+                pending = res
                 self.batch = b + 1
-                n = len(y)
-                sample_loss = loss / (n if cfg.reduction == "sum" else 1)
-                acc["loss"] += sample_loss
-                acc["correct"] += correct
-                acc["n"] += n
-                acc["time"] += dt
-                acc["steps"] += 1
-                bar.update(n)
-                bar.set_postfix(loss=f"{sample_loss:.3f}", refresh=False)
-                if self.invertible and cfg.cond_every and self.step % cfg.cond_every == 0:
+                a = self.acc
+                a["loss"] = res.loss_sum.astype(np.float64) if a["loss"] is None else a["loss"] + res.loss_sum
+                a["correct"] = res.correct.astype(np.float64) if a["correct"] is None else a["correct"] + res.correct
+                a["n"] += res.n
+                a["steps"] += 1
+                if res.feedback_loss:
+                    self.last_feedback_loss = res.feedback_loss
+                bar.update(res.n)
+                cond = self.invertible and cfg.cond_every and self.step % cfg.cond_every == 0
+                log = bool(res.measured) or self.step % cfg.log_every == 0
+                save = bool(cfg.checkpoint_every) and self.step % cfg.checkpoint_every == 0
+                end = self.step >= max_steps or self.batch >= self.train_loader.batches_per_epoch()
+                if cond or log or save or end:                   # the host reads: check this step first
+                    self._check(self.step, pending)
+                    pending = None
+                if cond:
                     self.check_conditioning()
-                if extra or self.step % cfg.log_every == 0:
+                if log:
+                    extra = dict(res.measured)
                     last = self._flush_train(extra)
-                    acc = self.acc
-                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    if not cfg.quiet and last:
+                        bar.set_postfix(loss=f"{last['loss']:.3f}", refresh=False)
+                if save:
                     self.save()
+                if on_step is not None and self.batch < self.train_loader.batches_per_epoch():
+                    on_step(self.step, bool(cond or log or save or end))
                 if self.step >= max_steps:
                     break
+            self._check(self.step, pending)
         finally:
+            batches.close()
             bar.close()
         return last
-
-
-def _fresh_acc():
-    return {"loss": 0.0, "correct": 0, "n": 0, "time": 0.0, "steps": 0}
 
 
 class _Subset:

@@ -26,6 +26,14 @@ def records(out):
     return [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
+TIMINGS = ("step_time_s", "data_wait_s", "images_per_s", "wall_time_s")
+
+
+def strip_timings(recs):
+    """Records without their timings (which differ between any two runs)."""
+    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in recs]
+
+
 @pytest.fixture(scope="module")
 def cifar_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("cifar") / "cifar-10-batches-py"
@@ -134,8 +142,7 @@ def test_resume_is_bit_exact(tmp_path):
     assert run_cli(*common, "--max-steps", 97, "--checkpoint-every", 40, "--out", b).exit_code == 0
     assert run_cli(*common, "--max-steps", 170, "--out", b, "--resume").exit_code == 0
     ra, rb = records(a), records(b)
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("step_time_s", "images_per_s", "wall_time_s")} for r in rs]
-    assert len(ra) == len(rb) and strip(ra) == strip(rb)
+    assert len(ra) == len(rb) and strip_timings(ra) == strip_timings(rb)
     assert any(r["split"] == "test" and r["epoch"] == 2 for r in ra)   # crossed an epoch boundary
 
 
@@ -274,7 +281,10 @@ def test_plot_command(tmp_path):
     ("dtp", ["--schedule", "alternating", "--inverse-loss", "noise-preserving"]),
     ("dtp", ["--arch", "bartunov-lc", "--batch-size", 32]),
     ("sdtp", ["--arch", "bartunov-lc", "--batch-size", 32]),
-    ("ldrl", ["--arch", "vgg-8-16", "--batch-size", 32, "--ldrl-iters", "10,5"]),
+    # Ernoult et al.'s SGD lr 0.08 is for SimpleVGG on CIFAR-10; on MNIST vgg-8-16 it diverges within
+    # 40 steps on every seed tried (as do 0.02 and 0.01 at batch 32, and 0.08 at their batch 128),
+    # while 0.003 reached 82-87% test accuracy in 200 steps on seeds 0-3
+    ("ldrl", ["--arch", "vgg-8-16", "--batch-size", 32, "--ldrl-iters", "10,5", "--lr", 0.003]),
     ("dtp", ["--arch", "vgg-8-16", "--batch-size", 32]),
     ("sdtp", ["--arch", "vgg-8-16", "--batch-size", 32]),
 ])
@@ -330,9 +340,7 @@ def test_cosine_schedule_and_sgd_resume_bit_exact(tmp_path):
     assert run_cli(*common, "--out", a).exit_code == 0
     assert run_cli(*common, "--max-steps", 6, "--out", b).exit_code == 0
     assert run_cli(*common, "--out", b, "--resume").exit_code == 0
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("step_time_s", "images_per_s", "wall_time_s")}
-                        for r in rs]
-    assert strip(records(a)) == strip(records(b))
+    assert strip_timings(records(a)) == strip_timings(records(b))
     from gait_ref.config import Config
     from gait_ref.train import Trainer
     t = Trainer(Config(task="mnist", arch="vgg-4-4", rule="ldrl", epochs=4, lr=0.1, quiet=True))
@@ -347,6 +355,4 @@ def test_dtp_resume_is_bit_exact(tmp_path):
     assert run_cli(*common, "--max-steps", 30, "--out", a).exit_code == 0
     assert run_cli(*common, "--max-steps", 13, "--out", b).exit_code == 0
     assert run_cli(*common, "--max-steps", 30, "--out", b, "--resume").exit_code == 0
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("step_time_s", "images_per_s", "wall_time_s")}
-                        for r in rs]
-    assert strip(records(a)) == strip(records(b))
+    assert strip_timings(records(a)) == strip_timings(records(b))

@@ -127,10 +127,12 @@ def test_bad_shards_give_clear_errors(tmp_path):
     with h5py.File(p, "r+") as f:                         # modify one pixel, same size
         f["images"][0, 0, 0, 0] ^= 1
     with pytest.raises(DataFormatError, match="train-00001.h5: checksum mismatch"):
-        ShardSet(tmp_path, "train").read(np.arange(15))
+        ShardSet(tmp_path, "train").verify()
     p.write_bytes(p.read_bytes()[:1000])
     with pytest.raises(DataFormatError, match="train-00001.h5.*truncated"):
-        ShardSet(tmp_path, "train").read(np.arange(15))
+        ShardSet(tmp_path, "train").verify()
+    with pytest.raises(DataFormatError, match="train-00001.h5.*truncated"):
+        ShardSet(tmp_path, "train").read(np.arange(15))              # size is checked at every open
     # a shard with a missing dataset key (manifest entry made to match the file)
     with h5py.File(p, "w") as f:
         f.create_dataset("labels", data=np.zeros(5, np.int64))
@@ -138,6 +140,8 @@ def test_bad_shards_give_clear_errors(tmp_path):
     from gait_ref.data.shards import sha256_file
     m["splits"]["train"][1].update(bytes=p.stat().st_size, sha256=sha256_file(p))
     (tmp_path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DataFormatError, match="train-00001.h5: missing dataset 'images'"):
+        ShardSet(tmp_path, "train").verify()
     with pytest.raises(DataFormatError, match="train-00001.h5: missing dataset 'images'"):
         ShardSet(tmp_path, "train").read(np.arange(15))
     with pytest.raises(DataFormatError, match="no 'val' split"):

@@ -249,7 +249,7 @@ def test_l2_normalization_variants_keep_bp_equivalence(xp, sqrt_dim):
     # every hidden nudge has norm gamma0 * sqrt(D) f'^2 (or gamma0 f'^2): between a^2 and 1 times that
     scale = 1e-7 * (np.sqrt(9) if sqrt_dim else 1.0)
     for dist in info["target_distance"][:-1]:
-        assert 0.1 ** 2 * scale * 0.999 < dist <= scale * 1.0001
+        assert 0.1 ** 2 * scale * 0.999 < float(dist) <= scale * 1.0001
 
 
 def test_squared_normalization_inverts_the_distance(xp):
@@ -264,9 +264,9 @@ def test_squared_normalization_inverts_the_distance(xp):
     per_sample = np.sqrt((x ** 2).sum(1))
     dist = per_sample.copy()
     for l in range(3, 0, -1):
-        np.testing.assert_allclose(info["target_distance"][l], dist.mean(), rtol=1e-9)
+        np.testing.assert_allclose(float(info["target_distance"][l]), dist.mean(), rtol=1e-9)
         dist = 1e-3 * np.sqrt(9) / dist
-    np.testing.assert_allclose(info["target_distance"][0], dist.mean(), rtol=1e-9)
+    np.testing.assert_allclose(float(info["target_distance"][0]), dist.mean(), rtol=1e-9)
 
 
 def test_dfa_sends_output_error_directly(xp):

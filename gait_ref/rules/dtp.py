@@ -29,12 +29,19 @@ A feedback layer unpools with the indices of the forward pass that produced its 
 base point: g(f(x + e)) with those of x + e, g(f(x)) and g(f(x) + eta) with those of x.
 Every feedback layer has its own optimiser, learning rate, noise and (L-DRL) iteration
 count: Adam for DTP/SDTP (Bartunov et al.), SGD with momentum for L-DRL (Ernoult et al.).
+
+Noise is drawn on the device from the generator the trainer passes in (keyed by the run
+seed and the step). A process holding rows [s, s + n) of a global batch of N rows
+(``BatchSlice``) draws the whole (N, ...) noise and keeps its rows, divides batch means
+by N and sums the feedback gradients over processes before each feedback update, so any
+number of processes computes what one process computes on the whole batch.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from ..backend import get_xp, to_device, to_numpy
+from ..distributed import BatchSlice
 from ..feedback import FORMS, Feedback, jacobian_matching_error
 from ..optim import SGD, Adam
 
@@ -123,15 +130,16 @@ class DifferenceTargetProp:
         g_y, _ = self.fb[l].forward(y_l, tr.caches[l])
         return tr.xs[l] + (g_t - g_y)
 
-    def _per_sample(self, gy):
-        """dl_n/dy from dL/dy: undo the batch mean."""
-        return gy * gy.dtype.type(gy.shape[0]) if self.reduction == "mean" else gy
+    def _per_sample(self, gy, n_total):
+        """dl_n/dy from dL/dy: undo the batch mean (over the global batch of n_total)."""
+        return gy * gy.dtype.type(n_total) if self.reduction == "mean" else gy
 
-    def targets(self, tr, gy, labels):
+    def targets(self, tr, gy, labels, batch: BatchSlice | None = None):
         net, L = self.net, len(self.net)
         xp = get_xp(gy)
+        batch = BatchSlice.whole(gy.shape[0]) if batch is None else batch
         t = [None] * L
-        g_n = self._per_sample(gy)
+        g_n = self._per_sample(gy, batch.n_total)
         if self.name == "dtp":
             delta = g_n * net.activations[-1].deriv(tr.hs[-1])
             t[L - 2] = tr.ys[L - 2] - net.layers[-1].input_grad(delta, tr.caches[-1]) * gy.dtype.type(self.alpha)
@@ -146,19 +154,22 @@ class DifferenceTargetProp:
             t[l - 1] = self.correct(l, tr, t[l])
         return t
 
-    def compute(self, tr, gy, labels=None):
+    def compute(self, tr, gy, labels=None, batch: BatchSlice | None = None):
+        """Per-layer updates (this process's rows; summed over processes by the caller) and
+        info (mean target distance per layer, 0-d device arrays)."""
         net, L = self.net, len(self.net)
         xp = get_xp(gy)
-        t = self.targets(tr, gy, labels)
+        batch = BatchSlice.whole(gy.shape[0]) if batch is None else batch
+        t = self.targets(tr, gy, labels, batch)
         step = {"dtp": self.alpha, "sdtp": 1.0, "ldrl": self.beta}[self.name]
-        scale = gy.dtype.type((1.0 / gy.shape[0] if self.reduction == "mean" else 1.0) / step)
+        scale = gy.dtype.type((1.0 / batch.n_total if self.reduction == "mean" else 1.0) / step)
         grads = [None] * L
         grads[-1] = net.layers[-1].param_grads(gy * net.activations[-1].deriv(tr.hs[-1]), tr.caches[-1])
         dist = [0.0] * L
         for l in range(L - 1):
             d = tr.ys[l] - t[l]
             grads[l] = net.layers[l].param_grads(d * net.activations[l].deriv(tr.hs[l]) * scale, tr.caches[l])
-            dist[l] = float(xp.sqrt(_sq_norm_per_sample(d)).mean())
+            dist[l] = xp.sqrt(_sq_norm_per_sample(d)).mean()
         return grads, {"target_distance": dist}
 
     # ---- feedback training -----------------------------------------------------------------------
@@ -167,23 +178,25 @@ class DifferenceTargetProp:
         h, cache = self.net.layers[l].forward(x)
         return self._fb_input(l, self.net.activations[l].f(h)), cache
 
-    def inverse_loss_grads(self, l, x, e):
-        """(loss, grads) of g_l's inverse loss at layer input x with input noise e (same shape)."""
-        fb, N = self.fb[l], x.shape[0]
+    def inverse_loss_grads(self, l, x, e, n_total=None):
+        """(loss, grads) of g_l's inverse loss at layer input x with input noise e (same shape);
+        the mean is over ``n_total`` rows (default: x's). The loss is a 0-d device array."""
+        fb, N = self.fb[l], x.shape[0] if n_total is None else n_total
         u, fcache = self._forward_layer(l, x + e)
         r, gcache = fb.forward(u, fcache)
         diff = r - (x + e if self.inverse_loss == "noise-preserving" else x)
-        return float((diff ** 2).sum()) / N, fb.param_grads(gcache, diff * diff.dtype.type(2.0 / N))
+        return (diff ** 2).sum() / N, fb.param_grads(gcache, diff * diff.dtype.type(2.0 / N))
 
-    def ldrl_loss_grads(self, l, x, e, eta, clean=None):
+    def ldrl_loss_grads(self, l, x, e, eta, clean=None, n_total=None):
         """(loss, grads) of L-DRL's loss for g_l at layer input x, input noise e, output noise
-        eta. ``clean``: (f_l(x), its forward cache), if already known."""
-        fb, N = self.fb[l], x.shape[0]
+        eta, averaged over ``n_total`` rows (default: x's). ``clean``: (f_l(x), its forward
+        cache), if already known. The loss is a 0-d device array."""
+        fb, N = self.fb[l], x.shape[0] if n_total is None else n_total
         u0, c0 = self._forward_layer(l, x) if clean is None else clean
         u1, c1 = self._forward_layer(l, x + e)
         (r0, g0), (r1, g1), (r2, g2) = fb.forward(u0, c0), fb.forward(u1, c1), fb.forward(u0 + eta, c0)
         dr, dr_y = r1 - r0, r2 - r0
-        loss = float(-2 * (e * dr).sum() + (dr_y ** 2).sum()) / N
+        loss = (-2 * (e * dr).sum() + (dr_y ** 2).sum()) / N
         two_n = e.dtype.type(2.0 / N)
         # dloss/dr1 = -2 e / N, dloss/dr2 = 2 dr_y / N, dloss/dr0 = 2 (e - dr_y) / N
         grads = {}
@@ -192,31 +205,46 @@ class DifferenceTargetProp:
                 grads[k] = grads[k] + v if k in grads else v
         return loss, grads
 
-    def _noise(self, rng, sigma, like):
-        return to_device((rng.standard_normal(like.shape) * sigma).astype(like.dtype), get_xp(like))
+    @staticmethod
+    def _noise(rng, sigma, like, batch: BatchSlice):
+        """sigma * N(0, 1) shaped like ``like``: this process's rows of a draw for the whole
+        global batch, made on the device by ``rng`` (a ``backend.random_generator``)."""
+        shape = (batch.n_total,) + tuple(like.shape[1:])
+        return rng.standard_normal(shape, dtype=like.dtype)[batch.rows(like.shape[0])] * like.dtype.type(sigma)
 
     def _update(self, l, grads):
         fb = self.fb[l]
         self.opts[l].step({f"{fb.name}.{k}": fb.params[k] for k in grads},
                           {f"{fb.name}.{k}": grads[k] for k in grads})
 
-    def feedback_step(self, tr, rng: np.random.Generator) -> dict:
+    def feedback_step(self, tr, rng, batch: BatchSlice | None = None) -> dict:
         """Train every feedback layer on this batch, forward weights untouched (DTP/SDTP:
-        one step each; L-DRL: K_l steps each, layer by layer). Returns each layer's last loss."""
+        one step each; L-DRL: K_l steps each, layer by layer). ``rng``: a device generator
+        (``backend.random_generator``). Returns each layer's last loss, summed over
+        processes (0-d device arrays)."""
+        batch = BatchSlice.whole(tr.xs[0].shape[0]) if batch is None else batch
         losses = {}
         for i, l in enumerate(self.layers_with_feedback):
             fb, x, sigma = self.fb[l], tr.xs[l], self.sigma[i]
             if self.name == "ldrl":
                 clean = (self._fb_input(l, tr.ys[l]), tr.caches[l])   # frozen forward: the trace's pass
                 for _ in range(self.iters[i]):
-                    e, eta = self._noise(rng, sigma, x), self._noise(rng, sigma, tr.ys[l])
-                    loss, g = self.ldrl_loss_grads(l, x, e, eta, clean)
+                    e, eta = self._noise(rng, sigma, x, batch), self._noise(rng, sigma, tr.ys[l], batch)
+                    loss, g = self.ldrl_loss_grads(l, x, e, eta, clean, n_total=batch.n_total)
+                    g = batch.allreduce_dict({**g, "loss": loss})
+                    loss = g.pop("loss")
                     self._update(l, g)
             else:
-                loss, g = self.inverse_loss_grads(l, x, self._noise(rng, sigma, x))
+                loss, g = self.inverse_loss_grads(l, x, self._noise(rng, sigma, x, batch), n_total=batch.n_total)
+                g = batch.allreduce_dict({**g, "loss": loss})
+                loss = g.pop("loss")
                 self._update(l, g)
             losses[fb.name] = loss
         return losses
+
+    def parameters(self) -> dict:
+        """{'<feedback>.<param>': array} of every feedback layer (the live arrays)."""
+        return {f"{self.fb[l].name}.{k}": v for l in self.layers_with_feedback for k, v in self.fb[l].params.items()}
 
     def jacobian_errors(self, tr, n_samples: int = 8) -> dict:
         """||J_g - J_f^T||_F / ||J_f||_F per feedback layer on the first samples of the batch

@@ -105,7 +105,8 @@ class TargetRule:
 
     # ---- the recursion -----------------------------------------------------------------------
     def compute(self, tr, gy):
-        """Per-layer updates on BP's scale, and info (mean target distance per layer).
+        """Per-layer updates on BP's scale, and info (mean target distance per layer, as
+        0-d device arrays: nothing is read from the device).
 
         Each square layer is factorised when the recursion reaches it and released after,
         so one factorisation is alive at a time."""
@@ -122,7 +123,7 @@ class TargetRule:
             y, fp = tr.ys[l], f.deriv(tr.hs[l])
             # eq. 18: dW_l = y_{l-1}^T ((y_l - t_l) * f'(h_l)), times s_l (eq. 21)
             grads[l] = layer.param_grads((-d) * fp * _per_sample(s, d), tr.caches[l])
-            dist[l] = float(xp.sqrt((d.reshape(d.shape[0], -1) ** 2).sum(axis=1)).mean())
+            dist[l] = xp.sqrt((d.reshape(d.shape[0], -1) ** 2).sum(axis=1)).mean()   # 0-d, on the device
             if l == 0:
                 break
             gamma = self._gamma(d)

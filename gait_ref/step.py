@@ -1,0 +1,147 @@
+"""One training step, on the device: forward pass -> loss and dL/dy_L -> the rule's updates
+(on BP's scale) -> summed over processes -> plus the orthogonality regulariser's gradient
+-> finiteness checks -> the optimiser.
+
+The step reads nothing from the device. It returns device scalars (the batch's summed
+loss and correct count) and one device vector of finiteness checks, which the training
+loop reads when it chooses (one read per step, a step late, so the host never waits for
+the device in the middle of a step). On measuring steps (``measure=True``) it also
+compares the rule's updates with BP's on the same forward pass; those are read at once
+(a measuring step is a logging step).
+
+Data parallelism is one call: every array the step sums over processes (the updates,
+the loss and correct counts, the count of non-finite outputs per layer, and on
+measuring steps BP's updates and the target distances) goes through one
+``comm.allreduce_sum``; with one process it is the identity. The regulariser depends
+only on the (replicated) weights, so it is added after the sum, once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .backend import get_xp, random_generator, read_scalars
+from .distributed import LOCAL, BatchSlice
+from .metrics import compare_updates
+from .orthogonality import add_ortho_grads
+from .rules.bp import BP
+
+NOISE_STREAM = 5      # random_generator key [seed, NOISE_STREAM, step]: learned-feedback noise
+
+
+def topk_correct(logits, labels, k: int):
+    """How many rows have their label among the k largest logits (a 0-d device array)."""
+    xp = get_xp(logits, labels)
+    k = min(k, logits.shape[1])
+    top = xp.argpartition(-logits, kth=k - 1, axis=1)[:, :k]                 # (N, k)
+    return (top == labels[:, None]).any(axis=1).sum()
+
+
+@dataclass
+class StepResult:
+    """What one step leaves for the loop (device arrays unless said otherwise)."""
+
+    loss_sum: object          # sum over the global batch of the per-sample losses, 0-d
+    correct: object           # top-1 correct over the global batch, 0-d
+    n: int                    # global batch size (host)
+    checks: object            # (K,) bool: True where a finiteness check passed
+    check_names: list         # what each check looked at (host)
+    feedback_loss: dict = field(default_factory=dict)   # learned feedback: {layer: 0-d}
+    measured: dict = field(default_factory=dict)        # measuring steps: host values
+
+    def first_failure(self, ok) -> str | None:
+        """The first failed check's name, given the host copy of ``checks``."""
+        bad = [name for name, good in zip(self.check_names, ok) if not good]
+        return bad[0] if bad else None
+
+
+class TrainStep:
+    def __init__(self, net, loss, rule, opt, *, ortho_lambda: float = 0.0, ortho_form: str = "full",
+                 schedule: str = "parallel", seed: int = 0, comm=LOCAL):
+        self.net, self.loss, self.rule, self.opt, self.comm = net, loss, rule, opt, comm
+        self.ortho_lambda, self.ortho_form, self.schedule, self.seed = ortho_lambda, ortho_form, schedule, seed
+        self.bp = BP(net)
+        self.learned_feedback = hasattr(rule, "feedback_step")
+
+    def phases(self, epoch: int):
+        """(train the forward weights, train the feedback weights) in ``epoch``: both every
+        batch, or (alternating schedule) feedback in even epochs, forward in odd ones."""
+        if not self.learned_feedback:
+            return True, False
+        alternating = self.schedule == "alternating"
+        return not alternating or epoch % 2 == 1, not alternating or epoch % 2 == 0
+
+    def parameters(self) -> dict:
+        """Every trained array: the network's, then the learned feedback layers'."""
+        return {**self.net.parameters(), **(self.rule.parameters() if self.learned_feedback else {})}
+
+    def __call__(self, x, y, *, step: int, epoch: int, n_total: int | None = None, start: int = 0,
+                 measure: bool = False) -> StepResult:
+        """Train on this process's rows [start, start + len(x)) of a global batch of
+        ``n_total`` rows (default: x is the whole batch)."""
+        net, xp = self.net, get_xp(x)
+        n_total = x.shape[0] if n_total is None else int(n_total)
+        batch = BatchSlice(n_total, start, self.comm)
+        tr = net.forward(x)
+        loss, gy = self.loss.value_and_grad(tr.output, y, n_total)
+        train_forward, train_feedback = self.phases(epoch)
+        grads, info, fb_loss = None, {}, {}
+        if self.learned_feedback:
+            rng = random_generator(xp, [self.seed, NOISE_STREAM, step])
+            if train_feedback and self.rule.feedback_first:        # L-DRL: feedback first, forward frozen
+                fb_loss = self.rule.feedback_step(tr, rng, batch)
+            if train_forward or measure:                            # not needed in a feedback-only epoch
+                grads, info = self.rule.compute(tr, gy, labels=y, batch=batch)
+            if train_feedback and not self.rule.feedback_first:    # DTP/SDTP: targets, then inverses
+                fb_loss = self.rule.feedback_step(tr, rng, batch)
+        else:
+            grads, info = self.rule.compute(tr, gy)
+
+        # ---- one sum over processes ---------------------------------------------------------------
+        dtype = tr.output.dtype
+        per_sample = n_total if self.loss.reduction == "mean" else 1
+        stats = [(loss * per_sample).astype(dtype), topk_correct(self.loss.logits(tr.output), y, 1).astype(dtype)]
+        stats += [(~xp.isfinite(v)).sum().astype(dtype) for v in tr.ys]   # non-finite outputs per layer
+        keys = [(l, k) for l, g in enumerate(grads) for k in sorted(g)] if grads is not None else []
+        arrays = [grads[l][k] for l, k in keys] + stats
+        if measure:
+            bp_grads, _ = self.bp.compute(tr, gy)
+            dist = info.get("target_distance", [])
+            arrays += [bp_grads[l][k] for l, k in keys] + [xp.full((), d, dtype=dtype) if isinstance(d, float)
+                                                           else d.astype(dtype) for d in dist]
+        summed = self.comm.allreduce_sum(arrays)
+        for (l, k), g in zip(keys, summed):
+            grads[l][k] = g
+        loss_sum, correct, *y_bad = summed[len(keys):len(keys) + len(stats)]
+
+        checks = [xp.isfinite(loss_sum)] + [b == 0 for b in y_bad]
+        names = ["the loss"] + [f"the output of layer {layer.name}" for layer in net.layers]
+        measured = self._measure(tr, grads, bp_grads, summed[len(keys) + len(stats):], keys) if measure else {}
+
+        if train_forward:
+            add_ortho_grads(net, grads, self.ortho_lambda, self.ortho_form)
+            flat = {f"{net.layers[l].name}.{k}": grads[l][k] for l, k in keys}
+            checks += [xp.isfinite(g).all() for g in flat.values()]
+            names += [f"the update of {name}" for name in flat]
+            self.opt.step(net.parameters(), flat)
+        params = self.parameters()
+        checks += [xp.isfinite(p).all() for p in params.values()]
+        names += [f"the weights {name} after the step" for name in params]
+        return StepResult(loss_sum, correct, n_total, xp.stack(checks), names, fb_loss, measured)
+
+    def _measure(self, tr, grads, bp_grads, rest, keys) -> dict:
+        """Angles to BP, norm ratios, target distances and (learned feedback) Jacobian-matching
+        errors, as host values; ``rest`` holds the summed BP updates, then the distances."""
+        net = self.net
+        for (l, k), g in zip(keys, rest):
+            bp_grads[l][k] = g
+        cmp = compare_updates(net, grads, bp_grads)
+        out = {"angles_deg": {k: v["angle_deg"] for k, v in cmp.items()},
+               "norm_ratio": {k: v["norm_ratio"] for k, v in cmp.items()}}
+        dist = rest[len(keys):]
+        if dist:                                    # per-rank means of equal shares: average them
+            vals = read_scalars(dist)
+            out["target_distance"] = {layer.name: v / self.comm.size for layer, v in zip(net.layers, vals)}
+        if self.learned_feedback:                   # on the first samples of the global batch (rank 0's)
+            out["jacobian_error"] = self.comm.bcast_object(
+                self.rule.jacobian_errors(tr) if self.comm.is_root else None)
+        return out
