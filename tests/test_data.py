@@ -208,3 +208,130 @@ def test_gzip_and_plain_idx_agree(tmp_path):
     with gzip.open(tmp_path / "x.gz") as f:
         (tmp_path / "x").write_bytes(f.read())
     np.testing.assert_array_equal(read_idx(tmp_path / "x"), read_idx(tmp_path / "x.gz"))
+
+
+def test_open_files_stay_bounded_beyond_the_descriptor_limit(tmp_path):
+    """More shards than `ulimit -n` allows open at once (ImageNet: 1,301 files against a
+    common limit of 1024): reads keep a bounded LRU of open files and never run out."""
+    import resource
+
+    from .helpers import make_shards
+    make_shards(tmp_path, n_train=300, n_val=1, size=2, per_shard=1)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    data = ShardSet(tmp_path, "train", max_open=32)
+    rng = np.random.default_rng(0)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (200, hard))
+    try:
+        for _ in range(4):
+            x, y = data.read(rng.permutation(300)[:150])
+            assert data.open_files() <= 32
+        assert len(x) == 150
+        flood = ShardSet(tmp_path, "train", max_open=10_000)          # no bound: the limit is hit
+        with pytest.raises(DataFormatError, match=r"too many open files \(EMFILE\).*ulimit -n"):
+            flood.read(np.arange(300))
+        flood.close()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    data.close()
+
+
+def test_verification_is_cached_and_notices_changes(tmp_path):
+    import os
+    import time
+
+    from .helpers import make_shards
+    make_shards(tmp_path / "d", n_train=40, n_val=8, per_shard=10)
+    cache = tmp_path / "run" / "shard_verification.json"
+    assert ShardSet(tmp_path / "d", "train").verify(cache) == 4            # every shard hashed once
+    assert ShardSet(tmp_path / "d", "train").verify(cache) == 0            # then only what changed
+    p = tmp_path / "d" / "train-00002.h5"
+    st = p.stat()
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    s = ShardSet(tmp_path / "d", "train")
+    assert s.verify(cache) == 1
+    s.read(np.arange(40))
+    time.sleep(0.01)
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 2 * 10**9))           # changed after verification
+    s.close()
+    with pytest.raises(DataFormatError, match="train-00002.h5: modified since it was verified"):
+        s.read(np.arange(40))
+
+
+@pytest.mark.parametrize("bad", [12, -1])
+def test_shard_labels_are_range_checked(tmp_path, bad):
+    """A label outside 0..n_classes-1 names the shard and the first bad index (12 used to be
+    an IndexError deep in the loss; -1 trained silently as the last class)."""
+    x = np.zeros((6, 4, 4, 3), np.uint8)
+    y = np.array([1, 2, 3, bad, 4, bad])
+    entry = write_shard(tmp_path / "train-00000.h5", x, y)
+    write_manifest(tmp_path, {"format": "gait_ref-shards", "version": 1, "layout": "NHWC", "image_shape": [4, 4, 3],
+                              "classes": [[f"n{i}", f"c{i}"] for i in range(10)], "splits": {"train": [entry]}})
+    with pytest.raises(DataFormatError, match=rf"train-00000.h5: label {bad} at index 3 is outside 0..9"):
+        ShardSet(tmp_path, "train").verify()
+
+
+def test_worker_processes_give_the_same_batches(tmp_path):
+    """Two reader processes: the same batches as the in-process thread, resumable mid-epoch,
+    an early exit followed by a new epoch, and each rank's slice of the global batch."""
+    from .helpers import make_shards
+    make_shards(tmp_path, n_train=60, n_val=4, size=4, per_shard=7)
+    data = ShardSet(tmp_path, "train")
+    data.verify()
+    ref = BatchLoader(data, 8, np, np.float32, seed=3)
+    par = BatchLoader(data, 8, np, np.float32, seed=3, workers=2)
+    try:
+        for epoch in (0, 1):
+            a = [(b, x.copy(), y.copy()) for b, x, y in ref.epoch(epoch)]
+            c = [(b, x.copy(), y.copy()) for b, x, y in par.epoch(epoch)]
+            assert [b for b, *_ in a] == [b for b, *_ in c] == list(range(7))
+            for (_, xa, ya), (_, xc, yc) in zip(a, c):
+                np.testing.assert_array_equal(xa, xc)
+                np.testing.assert_array_equal(ya, yc)
+        it = par.epoch(2)
+        next(it)
+        it.close()                                               # leave early: slots come back
+        resumed = [(b, x.copy()) for b, x, _ in par.epoch(2, start=5)]
+        assert [b for b, _ in resumed] == [5, 6]
+        np.testing.assert_array_equal(resumed[0][1], [x for b, x, _ in ref.epoch(2)][5])
+        # ranks 0 and 1 of 2 hold the two halves of every global batch
+        halves = [BatchLoader(data, 8, np, np.float32, seed=3, part=(r, 2), workers=r) for r in (0, 1)]
+        for (b, x, y), (_, x0, y0), (_, x1, y1) in zip(ref.epoch(0), halves[0].epoch(0), halves[1].epoch(0)):
+            np.testing.assert_array_equal(x, np.concatenate([x0, x1]))
+            np.testing.assert_array_equal(y, np.concatenate([y0, y1]))
+        for h in halves:
+            h.close()
+        with pytest.raises(ValueError, match="--batch-size 9 is not divisible by the 2 processes"):
+            BatchLoader(data, 9, np, np.float32, part=(0, 2))
+    finally:
+        par.close()
+
+
+def test_worker_process_errors_name_the_shard(tmp_path):
+    from .helpers import make_shards
+    make_shards(tmp_path, n_train=30, n_val=4, size=4, per_shard=10)
+    data = ShardSet(tmp_path, "train")
+    loader = BatchLoader(data, 5, np, np.float32, workers=2)
+    (tmp_path / "train-00001.h5").unlink()
+    try:
+        with pytest.raises(DataFormatError, match="train-00001.h5: missing"):
+            list(loader.epoch(0))
+    finally:
+        loader.close()
+
+
+@pytest.mark.parametrize("compression", [None, "gzip", "lzf"])
+def test_shard_reads_raw_chunks_or_decompressed(tmp_path, compression):
+    """Uncompressed shards are read chunk by chunk as raw bytes, compressed ones through
+    HDF5's filters: the same images in any order either way."""
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 256, (9, 5, 6, 3)).astype(np.uint8)
+    y = rng.integers(0, 4, 9)
+    entry = write_shard(tmp_path / "train-00000.h5", x, y, compression=compression)
+    write_manifest(tmp_path, {"format": "gait_ref-shards", "version": 1, "layout": "NHWC", "image_shape": [5, 6, 3],
+                              "classes": [[f"n{i}", f"c{i}"] for i in range(4)], "splits": {"train": [entry]}})
+    s = ShardSet(tmp_path, "train")
+    assert s._open(0).raw == (compression is None)
+    idx = np.array([8, 0, 3, 3, 7])
+    xb, yb = s.read(idx)
+    np.testing.assert_array_equal(xb, x[idx].transpose(0, 3, 1, 2))
+    np.testing.assert_array_equal(yb, y[idx])

@@ -129,45 +129,50 @@ class _ProcessReader:
         self.free = list(range(n_slots))
         self.token = 0          # batches of an abandoned epoch come back with an old token
         self._n = {}            # slot -> rows it holds
+        self.in_flight = {}     # slot -> batch number being read into it
 
     def batches(self, index_lists):
-        """Yield (x view, y view, release) in order; call release() when done with the views."""
+        """Yield (x view, y view, release) in order; call release() when done with the views.
+        Every slot is free, in flight (``self.in_flight``: a worker is filling it) or holds
+        a batch not yet released; leaving early frees the last kind, ``drain`` the second."""
         self.token += 1
-        token, pending, ready, nxt = self.token, {}, {}, 0
+        token, ready, nxt = self.token, {}, 0        # ready: batch number -> slot
         todo = iter(enumerate(index_lists))
         exhausted = False
-        while True:
-            while self.free and not exhausted:
-                item = next(todo, None)
-                if item is None:
-                    exhausted = True
-                    break
-                k, idx = item
-                slot = self.free.pop()
-                pending[slot] = k
-                self.jobs.put((token, slot, np.asarray(idx)))
-            if nxt in ready.values():
-                slot = next(s for s, k in ready.items() if k == nxt)
-                del ready[slot]
-                n = self._n[slot]
-                x, y = self.views[slot][0][:n], self.views[slot][1][:n]
-                if self.channels_last:
-                    x = x.transpose(0, 3, 1, 2)
-                yield x, y, (lambda s=slot: self.free.append(s))
-                nxt += 1
-                continue
-            if exhausted and not pending:
-                return
-            tok, slot, res = self._get()
-            if tok != token:                                    # an abandoned epoch's batch
-                self.free.append(slot)
-                continue
-            if isinstance(res, str):
-                self.free.append(slot)
-                pending.pop(slot)
-                raise DataFormatError(res)
-            self._n[slot] = res
-            ready[slot] = pending.pop(slot)
+        try:
+            while True:
+                while self.free and not exhausted:
+                    item = next(todo, None)
+                    if item is None:
+                        exhausted = True
+                        break
+                    k, idx = item
+                    slot = self.free.pop()
+                    self.in_flight[slot] = k
+                    self.jobs.put((token, slot, np.asarray(idx)))
+                if nxt in ready:
+                    slot = ready.pop(nxt)
+                    n = self._n[slot]
+                    x, y = self.views[slot][0][:n], self.views[slot][1][:n]
+                    if self.channels_last:
+                        x = x.transpose(0, 3, 1, 2)
+                    yield x, y, (lambda s=slot: self.free.append(s))
+                    nxt += 1
+                    continue
+                if exhausted and not self.in_flight:
+                    return
+                tok, slot, res = self._get()
+                k = self.in_flight.pop(slot)
+                if tok != token:                                    # an abandoned epoch's batch
+                    self.free.append(slot)
+                    continue
+                if isinstance(res, str):
+                    self.free.append(slot)
+                    raise DataFormatError(res)
+                self._n[slot] = res
+                ready[k] = slot
+        finally:
+            self.free.extend(ready.values())
 
     def _get(self):
         while True:
@@ -179,12 +184,11 @@ class _ProcessReader:
                     raise DataFormatError(f"loader worker {dead[0].name} died (exit code {dead[0].exitcode})")
 
     def drain(self):
-        """Reclaim the slots of batches still being read (after an early exit)."""
-        n_slots = len(self._shm)
-        while len(self.free) < n_slots:
+        """Wait for the batches still being read (after an early exit) and free their slots."""
+        while self.in_flight:
             _, slot, _ = self._get()
-            if slot not in self.free:
-                self.free.append(slot)
+            self.in_flight.pop(slot, None)
+            self.free.append(slot)
 
     def close(self):
         for _ in self.procs:

@@ -210,11 +210,11 @@ class ShardSet:
         if e["file"] in self.verified and tuple(self.verified[e["file"]]) != key:
             raise DataFormatError(f"shard {path}: modified since it was verified at the start of the run")
         while len(self._files) >= self.max_open:
-            self._files.popitem(last=False)[1].close()
+            self._files.popitem(last=False)[1].file.close()
         f = self._h5(path)
         self._check_layout(f, e, path)
-        self._files[i] = f
-        return f
+        self._files[i] = _OpenShard(f)
+        return self._files[i]
 
     def open_files(self) -> int:
         return len(self._files)
@@ -231,11 +231,11 @@ class ShardSet:
         pos = 0
         for s in np.unique(shard_of):
             local = sorted_idx[shard_of == s] - self.offsets[s]
-            f = self._open(int(s))
+            shard = self._open(int(s))
             n = len(local)
             dest = order[pos:pos + n]
-            x[dest] = f["images"][local]                  # increasing indices: one hyperslab read
-            y[dest] = f["labels"][local]
+            shard.read_images(local, x, dest)
+            y[dest] = shard.labels[local]
             pos += n
         return x.transpose(0, 3, 1, 2), y                 # NHWC memory, NCHW shape
 
@@ -246,21 +246,47 @@ class ShardSet:
         y = np.empty(len(self), np.int64)
         for i in tqdm(range(len(self.entries)), desc=f"loading {self.split} into memory", unit="shard",
                       disable=quiet, leave=False):
-            f = self._open(i)
+            shard = self._open(i)
             lo, hi = self.offsets[i], self.offsets[i + 1]
-            f["images"].read_direct(x, dest_sel=np.s_[lo:hi])
-            y[lo:hi] = f["labels"][()]
+            shard.images.read_direct(x, dest_sel=np.s_[lo:hi])
+            y[lo:hi] = shard.labels
         return x.transpose(0, 3, 1, 2), y
 
     def close(self):
-        for f in self._files.values():
-            f.close()
+        for shard in self._files.values():
+            shard.file.close()
         self._files.clear()
 
     def __getstate__(self):                               # worker processes reopen their own files
         state = dict(self.__dict__)
         state["_files"] = OrderedDict()
         return state
+
+
+class _OpenShard:
+    """An open shard: its file, its images dataset and all its labels (read once).
+
+    Images are read one chunk (= one image) at a time: raw chunk reads where the shard is
+    stored without compression (h5py's fancy indexing is two orders of magnitude slower:
+    about 1,100 against 200,000 images/s of 64 px here), else one ``read_direct`` each."""
+
+    def __init__(self, f):
+        self.file, self.images = f, f["images"]
+        self.labels = f["labels"][()]
+        self.raw = (self.images.chunks == (1,) + self.images.shape[1:]
+                    and self.images.id.get_create_plist().get_nfilters() == 0)
+
+    def read_images(self, local, out, dest) -> None:
+        """out[dest[j]] = images[local[j]] for every j."""
+        d = self.images
+        if self.raw:
+            shape = d.shape[1:]
+            for i, j in zip(local.tolist(), dest.tolist()):
+                mask, chunk = d.id.read_direct_chunk((i, 0, 0, 0))
+                out[j] = np.frombuffer(chunk, np.uint8).reshape(shape)
+        else:
+            for i, j in zip(local.tolist(), dest.tolist()):
+                d.read_direct(out, source_sel=np.s_[i:i + 1], dest_sel=np.s_[j:j + 1])
 
 
 def _update_cache(cache_file: Path, root: str, record: dict) -> None:
