@@ -7,8 +7,9 @@ import click
 
 from gait_ref.data.idx import DataFormatError
 
+from .common import PrepError
 from .downsampled import pack_downsampled
-from .imagenet_tree import RESIZES, PrepError, pack_tree
+from .imagenet_tree import RESIZES, pack_tree
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -25,11 +26,12 @@ def cli():
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=1))
 @click.option("--compression", type=click.Choice(["gzip", "lzf"]), help="HDF5 compression (default none).")
 @click.option("--val-labels", type=click.Path(), help="Labels for a flat val/ folder.")
+@click.option("--overwrite", is_flag=True, help="Empty DST and pack again (a rerun with other options needs it).")
 @click.option("--quiet", is_flag=True)
-def imagenet(src, dst, size, resize, shard_size, workers, compression, val_labels, quiet):
+def imagenet(src, dst, size, resize, shard_size, workers, compression, val_labels, overwrite, quiet):
     """Pack an ImageNet JPEG tree (train/<wnid>/*.JPEG, val/)."""
     _guard(pack_tree, src, dst, size=size, resize=resize, shard_size=shard_size, workers=workers,
-           compression=compression, val_labels=val_labels, quiet=quiet)
+           compression=compression, val_labels=val_labels, quiet=quiet, overwrite=overwrite)
 
 
 @cli.command()
@@ -38,10 +40,12 @@ def imagenet(src, dst, size, resize, shard_size, workers, compression, val_label
 @click.option("--shard-size", default=10000, show_default=True, type=click.IntRange(min=1))
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=1))
 @click.option("--compression", type=click.Choice(["gzip", "lzf"]))
+@click.option("--overwrite", is_flag=True, help="Empty DST and pack again (a rerun with other options needs it).")
 @click.option("--quiet", is_flag=True)
-def downsampled(src, dst, shard_size, workers, compression, quiet):
+def downsampled(src, dst, shard_size, workers, compression, overwrite, quiet):
     """Pack the Chrabaszcz et al. downsampled ImageNet pickles (32 or 64 px)."""
-    _guard(pack_downsampled, src, dst, shard_size=shard_size, workers=workers, compression=compression, quiet=quiet)
+    _guard(pack_downsampled, src, dst, shard_size=shard_size, workers=workers, compression=compression, quiet=quiet,
+           overwrite=overwrite)
 
 
 def _guard(func, *args, **kwargs):

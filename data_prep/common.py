@@ -3,17 +3,97 @@
 Work is split into shards deterministically (shard i always holds the same source
 items). After a shard file is written (atomically, by gait_ref.data.shards), a small
 sidecar ``<shard>.json`` records its manifest entry and any bad inputs. A rerun
-skips every shard whose sidecar exists, and the manifest is assembled from the
-sidecars at the end, so a killed run continues where it stopped.
+skips every shard whose sidecar exists and whose file still matches it (size and
+SHA-256: a deleted or damaged shard is packed again), and the manifest is assembled
+from the sidecars at the end, so a killed run continues where it stopped.
+
+A rerun must pack the same thing: ``prep_options.json`` records the packing options and
+a hash of the sorted input list, and a rerun with different ones is refused (or, with
+``--overwrite``, starts again in an emptied folder).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
-from gait_ref.data.shards import FORMAT, VERSION, write_manifest, write_shard
+from gait_ref.data.shards import FORMAT, VERSION, sha256_file, write_manifest, write_shard
+
+
+class PrepError(ValueError):
+    pass
+
+
+OUTPUTS = ("*.h5", "*.h5.json", "*.h5.tmp", "*.json.tmp", "manifest.json", "prep_log.txt", "prep_options.json")
+
+
+def inputs_digest(items) -> str:
+    """SHA-256 of the sorted (split, source, label) list: what the shards are made of."""
+    h = hashlib.sha256()
+    for item in sorted(map(repr, items)):
+        h.update(item.encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def prepare_destination(dst: Path, options: dict, overwrite: bool) -> None:
+    """Create ``dst`` (a one-line PrepError if it cannot be written) and check that a rerun
+    packs with the same options and inputs as the run that started it."""
+    if dst.exists() and not dst.is_dir():
+        raise PrepError(f"{dst}: exists and is not a folder")
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+        probe = dst / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise PrepError(f"{dst}: cannot write there ({e.strerror or e})") from None
+    record = dst / "prep_options.json"
+    if overwrite:
+        for pattern in OUTPUTS:
+            for f in dst.glob(pattern):
+                f.unlink()
+    elif record.exists():
+        old = json.loads(record.read_text())
+        diff = [f"{k} {old.get(k)!r} -> {options.get(k)!r}" for k in sorted(set(old) | set(options))
+                if old.get(k) != options.get(k)]
+        if diff:
+            raise PrepError(f"{dst} was packed with other options or inputs ({'; '.join(diff)}); rerun with the "
+                            "same options to resume, or pass --overwrite to pack it again")
+    elif any(dst.glob("*.h5.json")):
+        raise PrepError(f"{dst} holds shards with no record of the options they were packed with; "
+                        "pass --overwrite to pack it again")
+    tmp = record.with_name(record.name + ".tmp")
+    tmp.write_text(json.dumps(options, indent=1))
+    os.replace(tmp, record)
+
+
+def shard_done(dst: Path, shard_name: str) -> bool:
+    """True when the shard's sidecar exists and its file matches it; otherwise the stale
+    sidecar is removed so the shard is packed again."""
+    side = sidecar(dst, shard_name)
+    if not side.exists():
+        return False
+    try:
+        entry = json.loads(side.read_text())["entry"]
+    except (ValueError, KeyError, OSError):
+        entry = False
+    path = dst / shard_name
+    ok = entry is None or (isinstance(entry, dict) and path.exists() and path.stat().st_size == entry["bytes"]
+                           and sha256_file(path) == entry["sha256"])
+    if not ok:
+        side.unlink()
+    return ok
+
+
+def finished(dst: Path, names, workers: int) -> set:
+    """Which shards are finished and intact (checked in parallel: hashing releases the GIL)."""
+    names = list(names)
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        return {n for n, done in zip(names, pool.map(lambda n: shard_done(dst, n), names)) if done}
 
 
 def sidecar(dst: Path, shard_name: str) -> Path:

@@ -13,8 +13,9 @@ Resize (``--resize``):
                the central S x S crop; the usual ImageNet evaluation transform.
   box          resize the whole image to S x S with PIL's box filter, ignoring the
                aspect ratio, as Chrabaszcz et al. (2017) made downsampled ImageNet.
-Grayscale, CMYK, palette or alpha images are converted to RGB and reported;
-unreadable, corrupt or truncated files are skipped and reported.
+Grayscale, CMYK, palette or alpha images are converted to RGB and reported (16-bit
+images are scaled to 8 bits first, not clipped); unreadable, corrupt or truncated files
+and broken symbolic links are skipped and reported.
 """
 from __future__ import annotations
 
@@ -26,14 +27,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .common import assemble_manifest, pack_shard, run_jobs, sidecar, write_report
+from .common import (PrepError, assemble_manifest, finished, inputs_digest, pack_shard, prepare_destination,
+                     run_jobs, write_report)
 
 EXTS = {".jpeg", ".jpg", ".png"}
 RESIZES = ("center-crop", "box")
-
-
-class PrepError(ValueError):
-    pass
+__all__ = ["PrepError", "pack_tree", "load_image", "RESIZES"]
 
 
 def load_image(path, size: int, resize: str):
@@ -43,7 +42,14 @@ def load_image(path, size: int, resize: str):
             im.load()
             mode = im.mode
             note = None
-            if mode != "RGB":
+            if mode.startswith("I;16") or mode == "I":      # 16-bit (or 32-bit int) gray: scale, don't clip
+                a = np.asarray(im).astype(np.float64)
+                top = 65535.0 if mode.startswith("I;16") or a.max() <= 65535 else float(a.max())
+                im = Image.fromarray(np.clip(np.round(a * (255.0 / top)), 0, 255).astype(np.uint8), "L")
+                note = {"kind": "converted", "file": str(path),
+                        "reason": f"mode {mode} scaled to 8 bits and converted to RGB"}
+                im = im.convert("RGB")
+            elif mode != "RGB":
                 note = {"kind": "converted", "file": str(path), "reason": f"mode {mode} converted to RGB"}
                 im = im.convert("RGB")
             out = resize_image(im, size, resize)
@@ -63,8 +69,17 @@ def resize_image(im: Image.Image, size: int, resize: str) -> np.ndarray:
     return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
-def _images_in(folder: Path):
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in EXTS)
+def _images_in(folder: Path, report: list):
+    """The image files in ``folder``, sorted; broken symbolic links go to ``report``."""
+    files = []
+    for p in sorted(folder.iterdir()):
+        if p.suffix.lower() not in EXTS:
+            continue
+        if p.is_symlink() and not p.exists():
+            report.append({"kind": "skipped", "file": str(p), "reason": "broken symbolic link"})
+        elif p.is_file():
+            files.append(p)
+    return files
 
 
 def read_val_labels(path: Path) -> dict:
@@ -95,8 +110,10 @@ def class_names(src: Path, wnids) -> list:
     return [[w, names.get(w, w)] for w in wnids]
 
 
-def list_items(src: Path, val_labels=None):
-    """{'train': [(path, label)], 'val': [...]} and the class index."""
+def list_items(src: Path, val_labels=None, report=None):
+    """{'train': [(path, label)], 'val': [...]} and the class index; files skipped while
+    listing (broken links) are appended to ``report``."""
+    report = [] if report is None else report
     train_dir = src / "train"
     if not train_dir.is_dir():
         raise PrepError(f"{src}: no train/ folder (expected train/<wnid>/*.JPEG)")
@@ -106,7 +123,7 @@ def list_items(src: Path, val_labels=None):
     index = {w: i for i, w in enumerate(wnids)}
     items = {"train": []}
     for w in wnids:
-        files = _images_in(train_dir / w)
+        files = _images_in(train_dir / w, report)
         if not files:
             raise PrepError(f"{train_dir / w}: empty class folder (no .JPEG/.jpg/.png files)")
         items["train"] += [(str(p), index[w]) for p in files]
@@ -118,14 +135,14 @@ def list_items(src: Path, val_labels=None):
             for d in sub:
                 if d.name not in index:
                     raise PrepError(f"{d}: class {d.name} is not among the train classes")
-                val += [(str(p), index[d.name]) for p in _images_in(d)]
+                val += [(str(p), index[d.name]) for p in _images_in(d, report)]
         else:
             if val_labels is None:
                 raise PrepError(f"{val_dir}: flat validation folder needs --val-labels FILE "
                                 "(lines '<file> <wnid>', or Kaggle's LOC_val_solution.csv)")
             labels = read_val_labels(Path(val_labels))
             val = []
-            for p in _images_in(val_dir):
+            for p in _images_in(val_dir, report):
                 if p.stem not in labels:
                     raise PrepError(f"{p}: no label in {val_labels}")
                 if labels[p.stem] not in index:
@@ -150,26 +167,31 @@ def _pack_job(job, dst, size, resize, compression):
 
 
 def pack_tree(src, dst, size=64, resize="center-crop", shard_size=1024, workers=2, compression=None,
-              val_labels=None, quiet=False) -> dict:
+              val_labels=None, quiet=False, overwrite=False) -> dict:
     src, dst = Path(src), Path(dst)
     if resize not in RESIZES:
         raise PrepError(f"--resize must be one of {RESIZES}, got {resize!r}")
     if not src.is_dir():
         raise PrepError(f"{src}: source folder not found")
-    items, classes = list_items(src, val_labels)
-    dst.mkdir(parents=True, exist_ok=True)
-    split_shards, jobs = {}, []
+    listing = []
+    items, classes = list_items(src, val_labels, listing)
+    prepare_destination(dst, {"command": "imagenet", "size": size, "resize": resize, "shard_size": shard_size,
+                              "compression": compression,
+                              "inputs": inputs_digest((s, p, y) for s, lst in items.items() for p, y in lst)},
+                        overwrite)
+    split_shards, chunks = {}, {}
     for split, lst in items.items():
-        names = []
+        split_shards[split] = []
         for i in range(0, len(lst), shard_size):
             name = f"{split}-{i // shard_size:05d}.h5"
-            names.append(name)
-            if not sidecar(dst, name).exists():       # finished shards are not redone
-                jobs.append((name, lst[i:i + shard_size]))
-        split_shards[split] = names
+            split_shards[split].append(name)
+            chunks[name] = lst[i:i + shard_size]
+    done = finished(dst, chunks, workers)             # finished, intact shards are not redone
+    jobs = [(name, chunk) for name, chunk in chunks.items() if name not in done]
     func = partial(_pack_job, dst=dst, size=size, resize=resize, compression=compression)
     run_jobs(func, jobs, workers, f"packing {src.name}", quiet)
     out = assemble_manifest(dst, split_shards, (size, size, 3), classes,
                             {"source": str(src), "resize": resize, "size": size})
+    out["report"] = listing + out["report"]
     write_report(dst, out["report"], quiet)
     return out

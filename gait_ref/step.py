@@ -113,8 +113,9 @@ class TrainStep:
             grads[l][k] = g
         loss_sum, correct, *y_bad = summed[len(keys):len(keys) + len(stats)]
 
-        checks = [xp.isfinite(loss_sum)] + [b == 0 for b in y_bad]
-        names = ["the loss"] + [f"the output of layer {layer.name}" for layer in net.layers]
+        # the first layer whose output went non-finite names the cause of a non-finite loss
+        checks = [b == 0 for b in y_bad] + [xp.isfinite(loss_sum)]
+        names = [f"the output of layer {layer.name}" for layer in net.layers] + ["the loss"]
         measured = self._measure(tr, grads, bp_grads, summed[len(keys) + len(stats):], keys) if measure else {}
 
         if train_forward:

@@ -147,3 +147,64 @@ def test_downsampled_pickles(tmp_path):
     (tmp_path / "val_data").unlink()
     res = CliRunner().invoke(cli, ["downsampled", str(tmp_path), str(tmp_path / "o2"), "--quiet"])
     assert res.exit_code == 2 and "missing val_data" in res.output
+
+
+def test_rerun_with_other_options_is_refused_and_damaged_shards_are_repacked(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    make_tree(src)
+    pack_tree(src, dst, size=12, shard_size=2, workers=1, quiet=True)
+    with pytest.raises(PrepError, match=r"packed with other options or inputs \(shard_size 2 -> 3\).*--overwrite"):
+        pack_tree(src, dst, size=12, shard_size=3, workers=1, quiet=True)
+    with pytest.raises(PrepError, match=r"size 12 -> 16"):
+        pack_tree(src, dst, size=16, shard_size=2, workers=1, quiet=True)
+    intact = {p.name: sha256_file(p) for p in dst.glob("*.h5")}
+    # a deleted shard (its sidecar left) and a damaged one of the same size: both packed again
+    (dst / "train-00000.h5").unlink()
+    raw = bytearray((dst / "val-00000.h5").read_bytes())
+    raw[-10] ^= 0xFF
+    (dst / "val-00000.h5").write_bytes(bytes(raw))
+    pack_tree(src, dst, size=12, shard_size=2, workers=1, quiet=True)
+    assert {p.name: sha256_file(p) for p in dst.glob("*.h5")} == intact
+    res = CliRunner().invoke(cli, ["imagenet", str(src), str(dst), "--size", "12", "--shard-size", "3", "--workers",
+                                   "1", "--quiet", "--overwrite"])
+    assert res.exit_code == 0, res.output
+    m = json.loads((dst / "manifest.json").read_text())
+    assert [e["count"] for e in m["splits"]["train"]] == [2, 3]   # d, e (f is corrupt) | a, b, c
+    assert not (dst / "train-00002.h5").exists()
+    assert len(ShardSet(dst, "train")) == 5
+
+
+def test_16_bit_images_broken_links_and_bad_outputs(tmp_path):
+    src = tmp_path / "src"
+    make_tree(src)
+    v = np.array([[0, 257, 4096], [30000, 65535, 128]], np.uint16).repeat(4, 0).repeat(4, 1)   # 8 x 12
+    Image.fromarray(v).save(src / "train" / "n01000002" / "g.png")
+    (src / "train" / "n01000002" / "h.JPEG").symlink_to(src / "nowhere.JPEG")
+    dst = tmp_path / "dst"
+    pack_tree(src, dst, size=8, resize="box", shard_size=10, workers=1, quiet=True)
+    log = (dst / "prep_log.txt").read_text()
+    assert "broken symbolic link" in log and "h.JPEG" in log
+    assert "g.png\tmode I;16 scaled to 8 bits and converted to RGB" in log
+    train = ShardSet(dst, "train")
+    x, y = train.read(np.arange(len(train)))
+    g = x[2].transpose(1, 2, 0)                                      # goldfish: d, e, g (f is corrupt)
+    want = np.asarray(Image.fromarray(np.round(v / 257).astype(np.uint8)).resize((8, 8), Image.Resampling.BOX))
+    np.testing.assert_array_equal(g[..., 0], want)                   # scaled, not clipped to 255
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path / "afile", "/proc/gait_ref_cannot_be_here"):
+        res = CliRunner().invoke(cli, ["imagenet", str(src), str(out), "--quiet"])
+        assert res.exit_code == 2 and str(out) in res.output and "Traceback" not in res.output
+        assert len(res.output.strip().splitlines()) == 1
+
+
+def test_a_malformed_manifest_is_a_clear_error(tmp_path):
+    from gait_ref.data import DataFormatError
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    make_tree(src)
+    pack_tree(src, dst, size=8, workers=1, quiet=True)
+    m = json.loads((dst / "manifest.json").read_text())
+    for key in ("splits", "image_shape"):
+        bad = {k: v for k, v in m.items() if k != key}
+        (dst / "manifest.json").write_text(json.dumps(bad))
+        with pytest.raises(DataFormatError, match=f"manifest.json: missing or malformed '{key}'"):
+            ShardSet(dst, "train")

@@ -1,4 +1,5 @@
-"""CIFAR-10 from the official python pickles (cifar-10-batches-py/)."""
+"""CIFAR-10 from the official python pickles (cifar-10-batches-py/), read through an
+allow-list (``gait_ref.data.safe_pickle``): a crafted batch file cannot run code."""
 from __future__ import annotations
 
 import pickle
@@ -6,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import safe_pickle
 from .idx import DataFormatError
 
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
@@ -25,15 +27,17 @@ def find_cifar_dir(root) -> Path:
 def _read_batch(path: Path):
     if not path.exists():
         raise DataFormatError(f"{path}: missing CIFAR-10 batch file")
+    d = safe_pickle.load(path, encoding="bytes")
     try:
-        with open(path, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
-        x = np.asarray(d[b"data"], dtype=np.uint8)
+        x = np.asarray(d[b"data"])
         y = np.asarray(d[b"labels"], dtype=np.int64)
-    except Exception as e:  # pickle errors, missing keys
+    except (KeyError, ValueError, TypeError) as e:  # missing keys, ragged labels
         raise DataFormatError(f"{path}: not a CIFAR-10 python batch ({type(e).__name__}: {e})") from None
-    if x.ndim != 2 or x.shape[1] != 3072 or len(y) != len(x):
-        raise DataFormatError(f"{path}: data shape {x.shape}, labels {y.shape}; expected (N, 3072), (N,)")
+    if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072 or y.shape != (len(x),):
+        raise DataFormatError(f"{path}: data {x.dtype} {x.shape}, labels {y.shape}; expected uint8 (N, 3072), (N,)")
+    bad = np.flatnonzero((y < 0) | (y > 9))
+    if len(bad):
+        raise DataFormatError(f"{path}: label {int(y[bad[0]])} at index {int(bad[0])} is outside 0..9")
     return x.reshape(-1, 3, 32, 32), y                         # planar RGB -> (N, 3, 32, 32)
 
 

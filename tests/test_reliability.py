@@ -1,0 +1,302 @@
+"""Nothing lost, nothing run that shouldn't be: checkpoints, run folders, options, data
+files, under kills, corruption, concurrent runs and hostile input."""
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from gait_ref import checkpoint
+from gait_ref.checkpoint import CheckpointError, load_checkpoint, load_latest, save_checkpoint
+from gait_ref.config import Config
+from gait_ref.data import DataFormatError, load_task
+from gait_ref.data.cifar import load_cifar10, write_cifar_batch
+from gait_ref.train import Trainer
+
+from .helpers import make_shards
+from .test_cli import ROOT, main, records, run_cli, strip_timings
+
+COMMON = ["--task", "synthetic", "--rule", "gait", "--batch-size", 50, "--log-every", 3]
+
+
+def one_line_error(res, *fragments):
+    assert res.exit_code == 2, res.output
+    for f in fragments:
+        assert f in res.output, (f, res.output)
+    assert "Traceback" not in res.output
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------
+def test_a_complete_checkpoint_exists_at_every_instant_of_a_save(tmp_path, monkeypatch):
+    """After every file-system operation inside save_checkpoint, what --resume reads is a
+    complete, checksum-clean checkpoint (the old one or the new one), never nothing."""
+    path = tmp_path / "last.h5"
+    save_checkpoint(path, {"a.W": np.zeros(3)}, {"t": 1}, {"step": 1})
+    seen = []
+
+    def checked(fn):
+        def wrapper(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            seen.append(load_latest(path, warn=lambda m: None)[2]["step"])
+            return out
+        return wrapper
+
+    for name in ("link", "replace"):
+        monkeypatch.setattr(checkpoint.os, name, checked(getattr(os, name)))
+    save_checkpoint(path, {"a.W": np.ones(3)}, {"t": 2}, {"step": 2})
+    assert seen[0] == 1 and seen[-1] == 2 and set(seen) <= {1, 2}
+    assert load_checkpoint(tmp_path / "last.prev.h5")[2]["step"] == 1
+
+
+def test_resume_falls_back_to_the_previous_checkpoint(tmp_path):
+    """last.h5 missing (the old save's crash window) or damaged: --resume warns and continues
+    from last.prev.h5, and the run ends exactly as an uninterrupted one."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_cli(*COMMON, "--max-steps", 30, "--out", a).exit_code == 0
+    assert run_cli(*COMMON, "--max-steps", 20, "--checkpoint-every", 8, "--out", b).exit_code == 0
+    (b / "last.h5").unlink()
+    res = run_cli(*COMMON, "--max-steps", 30, "--out", b, "--resume")
+    assert res.exit_code == 0 and "resuming from the previous checkpoint last.prev.h5" in res.output
+    assert strip_timings(records(a)) == strip_timings(records(b))
+    res = run_cli(*COMMON, "--max-steps", 30, "--out", b)            # a new run would delete it: refused
+    one_line_error(res, "holds a checkpoint", "--resume", "--overwrite")
+
+
+def test_flipped_bytes_are_caught_by_the_checksums(tmp_path):
+    out = tmp_path / "r"
+    assert run_cli(*COMMON, "--max-steps", 20, "--checkpoint-every", 8, "--out", out).exit_code == 0
+    with h5py.File(out / "last.h5", "r") as f:                  # a byte inside Adam's second moment
+        d = f["optimizer"]["v::fc2.W"]
+        offset = d.id.get_offset() + d.id.get_storage_size() // 2
+    raw = bytearray((out / "last.h5").read_bytes())
+    raw[offset] ^= 0x40
+    (out / "last.h5").write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=r"checksum mismatch in dataset optimizer/v/fc2.W"):
+        load_checkpoint(out / "last.h5")
+    res = run_cli(*COMMON, "--max-steps", 30, "--out", out, "--resume")
+    assert res.exit_code == 0 and "checksum mismatch in dataset optimizer/v/fc2.W" in res.output
+    assert "resuming from the previous checkpoint" in res.output
+
+
+def _spawn(args, **kw):
+    return subprocess.Popen([sys.executable, "run.py", *map(str, args), "--quiet"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_random_kills_lose_nothing(tmp_path):
+    """SIGKILL at random moments of a run that checkpoints every step (each kill lands after
+    the process wrote checkpoints of its own); each time --resume continues, and the
+    finished run's records equal an uninterrupted run's."""
+    args = ["--task", "synthetic", "--rule", "bp", "--batch-size", 20, "--log-every", 7, "--max-steps", 400,
+            "--checkpoint-every", 1]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_cli(*args, "--out", a).exit_code == 0
+    rng = np.random.default_rng(0)
+    steps_at_kill = []
+    for k in range(5):
+        before = load_latest(b / "last.h5")[2]["step"] if k else 0
+        p = _spawn([*args, "--out", b, *(["--resume"] if k else [])])
+        deadline = time.time() + 60
+        while time.time() < deadline:                            # this process's own checkpoints
+            try:
+                if load_latest(b / "last.h5", warn=lambda m: None)[2]["step"] > before + 2:
+                    break
+            except (CheckpointError, OSError):
+                pass
+            time.sleep(0.02)
+        time.sleep(float(rng.uniform(0.0, 0.3)))
+        p.send_signal(signal.SIGKILL)
+        p.communicate()
+        assert p.returncode == -signal.SIGKILL                  # killed mid-run, not finished
+        steps_at_kill.append(load_latest(b / "last.h5", warn=lambda m: None)[2]["step"])
+    assert steps_at_kill == sorted(steps_at_kill) and steps_at_kill[-1] < 400
+    res = run_cli(*args, "--out", b, "--resume")
+    assert res.exit_code == 0, res.output
+    assert strip_timings(records(a)) == strip_timings(records(b))
+
+
+# ---- the run folder -------------------------------------------------------------------------------
+def test_two_runs_cannot_share_a_folder_and_a_dead_owners_lock_is_taken_over(tmp_path):
+    out = tmp_path / "r"
+    p = _spawn([*COMMON, "--max-steps", 100000, "--checkpoint-every", 5, "--out", out])
+    try:
+        deadline = time.time() + 60
+        while not (out / "last.h5").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        res = run_cli(*COMMON, "--max-steps", 10, "--out", out, "--resume")
+        one_line_error(res, f"in use by another run (pid {p.pid} on")
+        res = run_cli(*COMMON, "--max-steps", 10, "--out", out, "--overwrite")
+        one_line_error(res, "in use by another run")
+        assert p.poll() is None                                    # the owner runs on, untouched
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.communicate()
+    step = load_latest(out / "last.h5")[2]["step"]
+    res = run_cli(*COMMON, "--max-steps", step + 3, "--out", out, "--resume")
+    assert res.exit_code == 0 and f"taking over the stale lock of pid {p.pid}" in res.output
+
+
+def test_overwrite_starts_again(tmp_path):
+    out = tmp_path / "r"
+    assert run_cli(*COMMON, "--max-steps", 6, "--out", out).exit_code == 0
+    assert run_cli(*COMMON, "--max-steps", 3, "--out", out, "--overwrite").exit_code == 0
+    assert [r["step"] for r in records(out) if r["split"] == "test"] == [3]
+
+
+@pytest.mark.parametrize("bad", ["file", "unwritable"])
+def test_unusable_out_is_a_one_line_error(tmp_path, bad):
+    target = tmp_path / "f" if bad == "file" else Path("/proc/gait_ref_cannot_be_here")
+    if bad == "file":
+        target.write_text("x")
+    one_line_error(run_cli(*COMMON, "--max-steps", 2, "--out", target), f"--out {target}")
+
+
+def test_resume_refuses_options_that_change_the_result(tmp_path):
+    out = tmp_path / "r"
+    assert run_cli(*COMMON, "--max-steps", 6, "--out", out).exit_code == 0
+    res = run_cli(*COMMON, "--max-steps", 9, "--out", out, "--resume", "--lr", 1e-3, "--seed", 3)
+    one_line_error(res, "--lr 0.0001 -> 0.001", "--seed 0 -> 3", "--allow-config-change lr,seed")
+    # cosmetic options (and more steps) are free
+    assert run_cli(*COMMON[:-2], "--log-every", 5, "--max-steps", 9, "--out", out, "--resume").exit_code == 0
+    res = run_cli(*COMMON, "--max-steps", 12, "--out", out, "--resume", "--lr", 1e-3, "--allow-config-change", "lr")
+    assert res.exit_code == 0, res.output
+    change = [r for r in records(out) if r["split"] == "config_change"]
+    assert change == [{"epoch": 0, "step": 9, "split": "config_change", "changes": {"lr": [1e-4, 1e-3]}}]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["config"]["lr"] == 1e-3 and cfg["history"] == [{"step": 9, "changes": {"lr": [1e-4, 1e-3]}}]
+    assert cfg["blas"] and all("num_threads" in b for b in cfg["blas"])
+
+
+def test_more_epochs_are_free_unless_the_schedule_depends_on_them(tmp_path):
+    out = tmp_path / "r"
+    base = ["--task", "synthetic", "--rule", "bp", "--batch-size", 500, "--out", out]
+    assert run_cli(*base, "--epochs", 1).exit_code == 0
+    assert run_cli(*base, "--epochs", 2, "--resume").exit_code == 0
+    out2 = tmp_path / "c"
+    base[-1] = out2
+    assert run_cli(*base, "--epochs", 1, "--optimizer", "sgd", "--lr-schedule", "cosine").exit_code == 0
+    res = run_cli(*base, "--epochs", 2, "--optimizer", "sgd", "--lr-schedule", "cosine", "--resume")
+    one_line_error(res, "--epochs 1 -> 2")
+
+
+# ---- data ----------------------------------------------------------------------------------------------
+def test_a_corrupt_val_shard_stops_the_run_before_its_first_step(tmp_path):
+    make_shards(tmp_path / "d", n_train=32, n_val=16, size=8, per_shard=8)
+    p = tmp_path / "d" / "val-00001.h5"
+    raw = bytearray(p.read_bytes())
+    raw[len(raw) // 2] ^= 1
+    p.write_bytes(bytes(raw))
+    out = tmp_path / "r"
+    res = run_cli("--task", "imagenet", "--data", tmp_path / "d", "--arch", "mlp-64x1", "--rule", "bp",
+                  "--batch-size", 8, "--out", out)
+    one_line_error(res, "val-00001.h5: checksum mismatch")
+    assert not (out / "metrics.jsonl").exists() or records(out) == []
+
+
+def test_the_epoch_is_saved_before_it_is_evaluated(tmp_path, monkeypatch):
+    """An evaluation that fails (bad val data, a kill) does not lose the epoch: the checkpoint
+    is written first, and --resume evaluates, then goes on as an uninterrupted run."""
+    args = dict(task="synthetic", rule="bp", batch_size=500, epochs=2, quiet=True)
+    Trainer(Config(**args, out=str(tmp_path / "a"))).run()
+    calls = []
+    real = Trainer.evaluate
+
+    def failing(self):
+        calls.append(self.step)
+        raise DataFormatError("val shard unreadable")
+    monkeypatch.setattr(Trainer, "evaluate", failing)
+    with pytest.raises(DataFormatError):
+        Trainer(Config(**args, out=str(tmp_path / "b"))).run()
+    meta = load_checkpoint(tmp_path / "b" / "last.h5")[2]
+    assert calls == [8] and meta["step"] == 8 and meta["pending_eval"]
+    monkeypatch.setattr(Trainer, "evaluate", real)
+    Trainer(Config(**args, out=str(tmp_path / "b"), resume=True)).run()
+    assert strip_timings(records(tmp_path / "a")) == strip_timings(records(tmp_path / "b"))
+
+
+def _cifar(tmp_path, labels_of=None, payload=None):
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        y = rng.integers(0, 10, 8)
+        if labels_of == name:
+            y[5] = payload
+        write_cifar_batch(d / name, rng.integers(0, 256, (8, 3072)), y)
+    return tmp_path
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_crafted_pickles_are_refused_before_they_run_code(tmp_path):
+    marker = tmp_path / "pwned"
+    _Evil.marker = marker
+    root = _cifar(tmp_path)
+    with open(root / "cifar-10-batches-py" / "data_batch_1", "wb") as f:
+        pickle.dump({b"data": _Evil(), b"labels": [0]}, f)
+    with pytest.raises(DataFormatError, match=r"data_batch_1: refused to load posix.system"):
+        load_cifar10(root)
+    from data_prep.downsampled import read_batch
+    from data_prep.imagenet_tree import PrepError
+    with open(tmp_path / "train_data_batch_1", "wb") as f:
+        pickle.dump({"data": np.zeros((1, 12), np.uint8), "labels": [_Evil()]}, f)
+    with pytest.raises(PrepError, match=r"train_data_batch_1: refused to load posix.system"):
+        read_batch(tmp_path / "train_data_batch_1")
+    assert not marker.exists()
+    res = run_cli("--task", "cifar10", "--data", root, "--max-steps", 1)
+    one_line_error(res, "data_batch_1: refused to load posix.system")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("label", [12, -1])
+def test_cifar_labels_are_range_checked(tmp_path, label):
+    root = _cifar(tmp_path, labels_of="data_batch_3", payload=label)
+    with pytest.raises(DataFormatError, match=rf"data_batch_3: label {label} at index 5 is outside 0..9"):
+        load_task("cifar10", root)
+
+
+# ---- options and divergence ---------------------------------------------------------------------------
+@pytest.mark.parametrize("args,message", [
+    (["--adam-eps", "0"], "--adam-eps must be > 0, got 0.0"),
+    (["--lr", "-1"], "--lr must be > 0, got -1.0"),
+    (["--lr", "nan"], "--lr must be > 0, got nan"),
+    (["--adam-beta1", "1"], "--adam-beta1 must be in [0, 1), got 1.0"),
+    (["--optimizer", "sgd", "--momentum", "-0.5"], "--momentum must be in [0, 1), got -0.5"),
+    (["--rule", "ldrl", "--feedback-lr", "0.1,0"], "--feedback-lr must be > 0, got 0.0"),
+])
+def test_numeric_options_are_range_checked(args, message):
+    one_line_error(run_cli("--task", "synthetic", *args, "--max-steps", 1), message)
+
+
+@pytest.mark.parametrize("toml,message", [
+    ("epochs = 0", "--epochs must be >= 1, got 0"),
+    ("max_steps = 0", "--max-steps must be >= 1, got 0"),
+    ("log_every = 0", "--log-every must be >= 1, got 0"),
+    ('batch_size = "64"', "--batch-size must be >= 1, got '64'"),
+])
+def test_config_files_are_checked_like_the_command_line(tmp_path, toml, message):
+    f = tmp_path / "c.toml"
+    f.write_text(f'task = "synthetic"\n{toml}\n')
+    one_line_error(CliRunner().invoke(main, ["--config", str(f)]), message)
+
+
+def test_divergence_names_the_layer_and_checks_the_weights_after_the_step(tmp_path):
+    # an update so large that float32 weights overflow although every gradient is finite
+    res = run_cli("--task", "synthetic", "--rule", "bp", "--lr", "1e300", "--max-steps", 5, "--out", tmp_path / "w")
+    one_line_error(res, "step 1: the weights fc1.W after the step is not finite")
+    assert "checkpoint is kept" not in res.output                 # none was ever written
+    res = run_cli("--task", "synthetic", "--rule", "bp", "--lr", "1e30", "--adam-eps", "1e-30", "--max-steps", 50,
+                  "--checkpoint-every", 1, "--log-every", 1, "--out", tmp_path / "d")
+    one_line_error(res, "is not finite", "the last good checkpoint is kept in")
+    assert "the output of layer" in res.output or "the update of" in res.output or "the weights" in res.output
