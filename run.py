@@ -149,15 +149,34 @@ def main(config_file, print_config, **opts):
         click.echo(json.dumps(cfg.to_dict(), indent=1))
         return
     from gait_ref.architectures import ArchitectureError
+    from gait_ref.distributed import LOCAL
     from gait_ref.train import DivergenceError, Trainer
+    comm = LOCAL
     try:
-        Trainer(cfg).run()
-    except (BackendError, DataFormatError, ArchitectureError, DivergenceError, ValueError) as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        if cfg.distributed == "mpi":
+            from gait_ref.backend import use_device
+            from gait_ref.distributed import MPIComm
+            comm = MPIComm(cfg.comm_timeout)
+            use_device(cfg.backend, comm.local_rank)        # this rank's GPU, before anything allocates
+        Trainer(cfg, comm).run()
+    except (BackendError, DataFormatError, ArchitectureError, DivergenceError, ValueError, RuntimeError) as e:
+        _fail(comm, str(e), 2)
     except KeyboardInterrupt:
-        click.echo("interrupted; resume with --resume (from the last checkpoint)", err=True)
-        sys.exit(130)
+        _fail(comm, "interrupted; resume with --resume (from the last checkpoint)", 130)
+    except Exception as e:  # an unexpected failure on one rank must not leave the others waiting
+        if comm.size == 1:
+            raise
+        import traceback
+        _fail(comm, f"{type(e).__name__}: {e}\n{traceback.format_exc()}", 1)
+    comm.close()
+
+
+def _fail(comm, message: str, code: int):
+    """One process: print and exit. Several: print naming the rank, then end every rank."""
+    if comm.size == 1:
+        click.echo(f"error: {message}" if code != 130 else message, err=True)
+        sys.exit(code)
+    comm.abort(f"error on rank {comm.rank} of {comm.size}: {message}", code)
 
 
 if __name__ == "__main__":

@@ -103,6 +103,28 @@ def get_backend(name: str):
     raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 
+def use_device(name: str, local_rank: int) -> str:
+    """Make the GPU of this process (local rank modulo the GPUs on the node) current, before
+    anything allocates on device 0. Returns a description; a no-op off the GPU."""
+    if name != "cupy" or not cupy_available():
+        return "host"
+    n = _cupy.cuda.runtime.getDeviceCount()
+    _cupy.cuda.Device(local_rank % n).use()
+    return f"GPU {local_rank % n} of {n}"
+
+
+def nccl_module(xp):
+    """NCCL for a device backend: cupy.cuda.nccl, or the emulator's MPI-backed stand-in."""
+    if xp is _emulated:
+        from .emulation import nccl
+        return nccl
+    import importlib
+    nccl = importlib.import_module("cupy.cuda.nccl")
+    if not getattr(nccl, "available", True):
+        raise BackendError(f"--distributed mpi with cupy needs NCCL, which could not be loaded; {GPU_INSTALL}")
+    return nccl
+
+
 def _device_module(a):
     """The device module (cupy or the emulator) whose array ``a`` is, else None."""
     if isinstance(a, _emulated.ndarray):

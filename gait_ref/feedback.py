@@ -99,7 +99,17 @@ class Feedback:
 
 def jacobian_matching_error(layer, f, fb: Feedback, x, n_samples: int = 8, max_exact: int = 256,
                             n_probes: int = 64, seed: int = 0) -> float:
-    """mean_n ||J_g - J_f^T||_F / ||J_f||_F over the first ``n_samples`` inputs of ``x``.
+    """mean_n ||J_g - J_f^T||_F / ||J_f||_F over the first ``n_samples`` inputs of ``x``
+    (``jacobian_matching_ratios`` gives the per-sample terms)."""
+    ratios = jacobian_matching_ratios(layer, f, fb, x[:n_samples], max_exact, n_probes, seed)
+    return float(np.mean(ratios)) if ratios else float("nan")
+
+
+def jacobian_matching_ratios(layer, f, fb: Feedback, x, max_exact: int = 256, n_probes: int = 64,
+                             seed: int = 0, first_row: int = 0) -> list:
+    """||J_g - J_f^T||_F / ||J_f||_F for every input row of ``x``; row n's probes are keyed by
+    (seed, first_row + n), its index in the global batch, so the value does not depend on
+    which process holds the row.
 
     J_f = dy/dx of the forward layer y = f(layer(x)) at x_n; J_g = dg/du of the feedback at
     u = y_n (what L-DRL trains towards J_f^T). Both are applied to probe directions E in
@@ -114,21 +124,19 @@ def jacobian_matching_error(layer, f, fb: Feedback, x, n_samples: int = 8, max_e
     n_out = int(np.prod(out_shape))
     exact = n_out <= max_exact
     P = n_out if exact else int(n_probes)
-    rng = random_generator(xp, [seed])
     norms = []
-    for n in range(min(n_samples, x.shape[0])):
+    for n in range(x.shape[0]):
         xr = xp.repeat(x[n:n + 1], P, axis=0)
         h, fcache = layer.forward(xr)
         y = f.f(h)
         if exact:
             E = xp.eye(n_out, dtype=x.dtype).reshape((P,) + out_shape)
         else:
-            E = rng.standard_normal((P,) + out_shape, dtype=x.dtype)
+            E = random_generator(xp, [seed, first_row + n]).standard_normal((P,) + out_shape, dtype=x.dtype)
         jft = layer.input_grad(E * f.deriv(h), fcache)               # rows of J_f^T E
         _, gcache = fb.forward(y, fcache)
         jg = fb.jvp(E, gcache, fcache)
         norms += [((jg - jft) ** 2).sum(), (jft ** 2).sum()]
     sq = np.array(read_scalars(norms)).reshape(-1, 2)                 # (n, 2): ||J_g - J_f^T||^2, ||J_f||^2
     with np.errstate(divide="ignore", invalid="ignore"):
-        ratios = np.where(sq[:, 1] > 0, np.sqrt(sq[:, 0] / sq[:, 1]), np.nan)
-    return float(np.mean(ratios))
+        return np.where(sq[:, 1] > 0, np.sqrt(sq[:, 0] / sq[:, 1]), np.nan).tolist()

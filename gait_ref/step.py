@@ -116,7 +116,7 @@ class TrainStep:
         # the first layer whose output went non-finite names the cause of a non-finite loss
         checks = [b == 0 for b in y_bad] + [xp.isfinite(loss_sum)]
         names = [f"the output of layer {layer.name}" for layer in net.layers] + ["the loss"]
-        measured = self._measure(tr, grads, bp_grads, summed[len(keys) + len(stats):], keys) if measure else {}
+        measured = self._measure(tr, grads, bp_grads, summed[len(keys) + len(stats):], keys, batch) if measure else {}
 
         if train_forward:
             add_ortho_grads(net, grads, self.ortho_lambda, self.ortho_form)
@@ -129,7 +129,7 @@ class TrainStep:
         names += [f"the weights {name} after the step" for name in params]
         return StepResult(loss_sum, correct, n_total, xp.stack(checks), names, fb_loss, measured)
 
-    def _measure(self, tr, grads, bp_grads, rest, keys) -> dict:
+    def _measure(self, tr, grads, bp_grads, rest, keys, batch) -> dict:
         """Angles to BP, norm ratios, target distances and (learned feedback) Jacobian-matching
         errors, as host values; ``rest`` holds the summed BP updates, then the distances."""
         net = self.net
@@ -142,7 +142,6 @@ class TrainStep:
         if dist:                                    # per-rank means of equal shares: average them
             vals = read_scalars(dist)
             out["target_distance"] = {layer.name: v / self.comm.size for layer, v in zip(net.layers, vals)}
-        if self.learned_feedback:                   # on the first samples of the global batch (rank 0's)
-            out["jacobian_error"] = self.comm.bcast_object(
-                self.rule.jacobian_errors(tr) if self.comm.is_root else None)
+        if self.learned_feedback:                   # on the first samples of the global batch
+            out["jacobian_error"] = self.rule.jacobian_errors(tr, batch=batch)
         return out

@@ -67,9 +67,13 @@ class Trainer:
     def __init__(self, cfg: Config, comm=LOCAL):
         self.cfg = cfg = cfg.resolved()
         self.comm = comm
-        self.xp = get_backend(cfg.backend)
+        self.xp = comm.bind(get_backend(cfg.backend), run_dir=cfg.out)
         self.dtype = np.dtype(cfg.dtype)
+        if not comm.is_root:                 # rank 0 fetches packaged data into the cache first
+            comm.barrier(timeout=False)
         self.data = load_task(cfg.task, cfg.data, quiet=cfg.quiet or not comm.is_root)
+        if comm.is_root:
+            comm.barrier(timeout=False)
         train, test = self.data.train, self.data.test
         if cfg.train_subset:
             from .data import ArraySet
@@ -143,9 +147,11 @@ class Trainer:
         return to_device(np.asarray(v, np.float64), self.xp)
 
     def save(self):
-        """Checkpoint (rank 0 writes; every rank's replicas are identical)."""
+        """Checkpoint (rank 0 writes, after checking that every rank's replica is identical)."""
         if not self.cfg.out:
             return
+        if self.comm.size > 1:
+            self._check_replicas()
         meta = self._meta()
         if self.out is not None:
             state = self.opt.state_dict()
@@ -154,6 +160,18 @@ class Trainer:
             self.out.save(self.net.parameters(), state, meta)
         self.saved_once = True
         self.comm.barrier()
+
+    def _check_replicas(self):
+        """Every rank holds the same weights (the same summed updates, the same optimiser)."""
+        import hashlib
+        h = hashlib.sha256()
+        for v in self.step_fn.parameters().values():
+            h.update(to_numpy(v).tobytes())
+        digests = self.comm.allgather_object(h.hexdigest())
+        differ = [r for r, d in enumerate(digests) if d != digests[0]]
+        if differ:
+            raise RuntimeError(f"step {self.step}: the weights of rank(s) {differ} differ from rank 0's "
+                               "(the all-reduce gave the ranks different sums)")
 
     def _resume(self):
         params, opt_state, meta, changes = self._load_checkpoint()
@@ -220,7 +238,7 @@ class Trainer:
                          cache_dir() / "shard-verification.json")
                 if self.comm.is_root:
                     data.verify(cache, quiet=self.cfg.quiet)
-                self.comm.barrier()
+                self.comm.barrier(timeout=False)             # hashing a large set takes a while
                 if not self.comm.is_root:
                     data.verify(cache, quiet=True)       # reads rank 0's cache: no re-hashing
 
@@ -238,7 +256,9 @@ class Trainer:
         """Read a step's finiteness checks; DivergenceError naming the first that failed."""
         if result is None:
             return
-        failed = result.first_failure(to_numpy(result.checks))
+        with self.comm.waiting(f"step {step_no}'s all-reduce"):   # with NCCL, the host waits here
+            ok = to_numpy(result.checks)
+        failed = result.first_failure(ok)
         if failed:
             self._diverged(f"step {step_no}: {failed} is not finite")
 
@@ -396,6 +416,7 @@ class Trainer:
                                    measure=measure)
                 self.timer.stop()
                 self._check(self.step - 1, pending)            # the previous step's checks: it is done by now
+                self.comm.heartbeat(self.step)
                 pending = res
                 self.batch = b + 1
                 a = self.acc

@@ -42,7 +42,7 @@ import numpy as np
 
 from ..backend import get_xp, to_device, to_numpy
 from ..distributed import BatchSlice
-from ..feedback import FORMS, Feedback, jacobian_matching_error
+from ..feedback import FORMS, Feedback, jacobian_matching_ratios
 from ..optim import SGD, Adam
 
 MODES = ("dtp", "sdtp", "ldrl")
@@ -246,16 +246,21 @@ class DifferenceTargetProp:
         """{'<feedback>.<param>': array} of every feedback layer (the live arrays)."""
         return {f"{self.fb[l].name}.{k}": v for l in self.layers_with_feedback for k, v in self.fb[l].params.items()}
 
-    def jacobian_errors(self, tr, n_samples: int = 8) -> dict:
-        """||J_g - J_f^T||_F / ||J_f||_F per feedback layer on the first samples of the batch
-        (not for SDTP's softmax-reading top)."""
-        out = {}
+    def jacobian_errors(self, tr, n_samples: int = 8, batch: BatchSlice | None = None) -> dict:
+        """||J_g - J_f^T||_F / ||J_f||_F per feedback layer, the mean over the first ``n_samples``
+        rows of the global batch (not for SDTP's softmax-reading top). Split over processes,
+        each computes its share of those rows and the per-sample terms are gathered."""
+        batch = BatchSlice.whole(tr.xs[0].shape[0]) if batch is None else batch
+        n_local = tr.xs[0].shape[0]
+        rows = slice(0, max(0, min(n_local, n_samples - batch.start)))        # local rows among the first n
+        mine = {}
         for l in self.layers_with_feedback:
             if self.name == "sdtp" and l == len(self.net) - 1:
                 continue
-            out[self.fb[l].name] = jacobian_matching_error(self.net.layers[l], self.net.activations[l],
-                                                           self.fb[l], tr.xs[l], n_samples=n_samples)
-        return out
+            mine[self.fb[l].name] = jacobian_matching_ratios(self.net.layers[l], self.net.activations[l], self.fb[l],
+                                                             tr.xs[l][rows], first_row=batch.start)
+        gathered = batch.comm.allgather_object(mine)
+        return {k: float(np.mean([v for part in gathered for v in part[k]])) for k in mine}
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -1,0 +1,293 @@
+"""Data-parallel training on MPI ranks (2 ranks on the CPU), against one process.
+
+Two ranks with B/2 rows each must give what one process gives with the whole batch B.
+The only difference is the order of summation: each rank sums its rows' contributions,
+then the all-reduce adds the two partial sums (one process adds all B rows in one GEMM
+or reduction). In float64 that changes one step's updates by about 1e-14 relative
+(measured: 1e-16 to 6e-14 per layer for BP, TP and GAIT-prop on conv7). Arrays are
+compared normwise, ||a - b||_inf <= tol ||b||_inf, because round-off in a sum scales with
+its terms: the largest difference measured after 5 steps, over every rule and both
+networks, is 4.2e-12 (conv1's bias under GAIT-prop: a sum over every position of every
+sample), and 2.0e-9 after 16 steps split 2-1-2 ranks. The tolerances (1e-10 for 5 steps,
+1e-7 for 16) leave a margin of 25-50; a real error (the regulariser counted twice, a batch
+mean over the wrong count, other noise) shows differences of 1e-3 and more.
+
+The orthogonality regulariser is left out of that comparison (``ortho_lambda=0``) because
+it amplifies round-off, for a reason that has nothing to do with data parallelism: near
+orthogonality its gradient 4 (W W^T - I) W is a difference of nearly equal numbers, and
+the weights that only it moves (a square conv's auxiliary output channels, whose targets
+are their own forward values) get Adam updates normalised from that noise. Measured on
+conv7 with TP after 5 steps: weights differ by up to 1e-7 absolute at lr 4.9e-5. That it
+is added once, after the sum, is checked with SGD (linear in the gradient, so nothing
+amplifies) and a strong regulariser: ``test_the_regulariser_is_added_once``.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gait_ref.checkpoint import load_checkpoint
+from gait_ref.config import Config
+from gait_ref.train import Trainer
+
+from .helpers import make_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+RULES = ("bp", "fa", "dfa", "tp", "itp", "gait-vanilla", "gait", "dtp", "sdtp", "ldrl")
+# a dense network (the NeurIPS MLP; SDTP needs one output unit per class: Bartunov's MLP) and
+# the conv net, for every rule
+CASES = ([("mlp-16x2", rule) for rule in RULES if rule != "sdtp"] + [("bartunov-mlp", "sdtp")]
+         + [("conv7", rule) for rule in RULES])
+WEIGHTS_TOL = 1e-10       # normwise, after 5 steps in float64 (see the module docstring)
+
+
+def case_config(arch, rule, shards, backend="numpy"):
+    data = dict(task="imagenet", data=str(shards)) if arch == "conv7" else dict(task="synthetic")
+    return dict(**data, arch=arch, rule=rule, backend=backend, dtype="float64", batch_size=8, max_steps=5,
+                angles_every=2, log_every=1, eval_subset=16, ldrl_iters=2, quiet=True, ortho_lambda=0.0)
+
+
+def _mpirun():
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return None
+    return shutil.which("mpirun", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+
+
+MPIRUN = _mpirun()
+pytestmark = pytest.mark.skipif(MPIRUN is None, reason="no MPI runtime: pip install -e \".[mpi]\" (mpi4py + mpich)")
+
+
+def mpirun(n, *args, timeout=600, **kw):
+    return subprocess.run([MPIRUN, "-n", str(n), sys.executable, *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, **kw)
+
+
+def records(out):
+    return [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mpi-shards")
+    make_shards(root, n_train=64, n_val=16, size=32, per_shard=8)
+    return root
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, shards):
+    out = tmp_path_factory.mktemp("two-ranks")
+    res = mpirun(2, "tests/mpi_driver.py", out, shards)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return out
+
+
+def normwise(a, b) -> float:
+    """||a - b||_inf / ||b||_inf: round-off in a sum scales with its terms, so arrays are
+    compared as a whole, not element by element (an element that is a small sum of large
+    terms carries the terms' absolute round-off)."""
+    scale = np.abs(b).max()
+    return float(np.abs(a - b).max() / scale) if scale else float(np.abs(a).max())
+
+
+DIFFS = []      # (case, array, normwise difference): printed by test_report_the_measured_differences
+
+
+def assert_same_run(one, two, tol=WEIGHTS_TOL, case=""):
+    """Weights, optimiser and feedback state normwise to ``tol`` (the optimiser's moments to
+    100 tol: Adam's second moment squares the gradients); the records' losses and
+    measurements to round-off too, their accuracies exactly."""
+    p1, o1, m1 = load_checkpoint(Path(one) / "last.h5")
+    p2, o2, m2 = load_checkpoint(Path(two) / "last.h5")
+    assert m1["step"] == m2["step"] and sorted(p1) == sorted(p2) and sorted(o1) == sorted(o2)
+    for group, a, b, t in (("param", p1, p2, tol), ("state", o1, o2, 100 * tol)):
+        for k in a:
+            if k == "t":
+                continue
+            d = normwise(b[k], a[k])
+            DIFFS.append((case, f"{group} {k}", d))
+            assert d <= t, (k, d)
+    r1, r2 = records(one), records(two)
+    assert [(r["step"], r["split"]) for r in r1] == [(r["step"], r["split"]) for r in r2]
+    for a, b in zip(r1, r2):
+        np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-9)
+        assert b.get("top1") == a.get("top1")
+        for key in ("angles_deg", "norm_ratio", "target_distance", "jacobian_error"):
+            if key in a:
+                np.testing.assert_allclose(list(b[key].values()), list(a[key].values()), rtol=1e-6, atol=1e-9,
+                                           err_msg=key)
+
+
+@pytest.mark.parametrize("arch,rule", CASES)
+def test_two_ranks_with_half_batches_equal_one_process(tmp_path, shards, two_ranks, arch, rule):
+    one = tmp_path / "one"
+    Trainer(Config(**case_config(arch, rule, shards), out=str(one))).run()
+    assert_same_run(one, two_ranks / f"{arch}-{rule}", case=f"{arch}-{rule}")
+
+
+def test_the_regulariser_is_added_once(tmp_path, shards):
+    """The orthogonality regulariser depends only on the (replicated) weights: added once,
+    after the sum over ranks. SGD and a strong regulariser: added on every rank before the
+    sum, it would count twice."""
+    args = ["--task", "imagenet", "--data", shards, "--arch", "conv7", "--rule", "gait", "--dtype", "float64",
+            "--batch-size", 8, "--max-steps", 4, "--optimizer", "sgd", "--lr", 1e-3, "--ortho-lambda", 10,
+            "--quiet"]
+    res = mpirun(2, "run.py", "--distributed", "mpi", *args, "--out", tmp_path / "two")
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = subprocess.run([sys.executable, "run.py", *map(str, args), "--out", str(tmp_path / "one")], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+
+
+def test_the_nccl_path_on_the_emulated_device(tmp_path, shards):
+    """--backend emulated: gradients packed into one device buffer and summed by the NCCL
+    all-reduce (the emulator's NCCL runs on MPI), as on GPUs."""
+    res = mpirun(2, "run.py", "--distributed", "mpi", "--backend", "emulated", "--task", "imagenet", "--data", shards,
+                 "--arch", "conv7", "--rule", "gait", "--dtype", "float64", "--batch-size", 8, "--max-steps", 4,
+                 "--ortho-lambda", 0, "--quiet", "--out", tmp_path / "nccl")     # (module docstring: no amplifier)
+    assert res.returncode == 0, res.stdout + res.stderr
+    Trainer(Config(task="imagenet", data=str(shards), arch="conv7", rule="gait", dtype="float64", batch_size=8,
+                   max_steps=4, ortho_lambda=0.0, quiet=True, out=str(tmp_path / "one"))).run()
+    assert_same_run(tmp_path / "one", tmp_path / "nccl")
+
+
+def test_resume_on_another_number_of_processes(tmp_path, shards):
+    """2 ranks to step 6, then 1 process to 12, then 2 ranks to 16: the same global data
+    order, and the same run (to round-off) as one process throughout."""
+    args = ["--task", "imagenet", "--data", shards, "--arch", "conv7", "--rule", "gait", "--dtype", "float64",
+            "--batch-size", 8, "--log-every", 2, "--eval-subset", 16, "--ortho-lambda", 0, "--quiet",
+            "--out", tmp_path / "m"]
+    res = mpirun(2, "run.py", "--distributed", "mpi", *args, "--max-steps", 6)
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = subprocess.run([sys.executable, "run.py", *map(str, [*args, "--max-steps", 12, "--resume"])], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    res = mpirun(2, "run.py", "--distributed", "mpi", *args, "--max-steps", 16, "--resume")
+    assert res.returncode == 0, res.stdout + res.stderr
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["world_size"] == 2
+    Trainer(Config(task="imagenet", data=str(shards), arch="conv7", rule="gait", dtype="float64", batch_size=8,
+                   log_every=2, eval_subset=16, max_steps=16, ortho_lambda=0.0, quiet=True,
+                   out=str(tmp_path / "one"))).run()
+    assert_same_run(tmp_path / "one", tmp_path / "m", tol=1e-7, case="resume 2-1-2 ranks")  # 16 steps
+
+
+def test_a_batch_that_does_not_split_evenly_is_refused(shards):
+    res = mpirun(2, "run.py", "--distributed", "mpi", "--task", "synthetic", "--batch-size", 9, "--max-steps", 1)
+    assert res.returncode != 0
+    assert "--batch-size 9 is not divisible by the 2 processes" in res.stderr
+
+
+def _wait_for_steps(out, n, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        f = Path(out) / "metrics.jsonl"
+        if f.exists() and sum(1 for _ in f.open()) >= n:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the run made no progress: {proc.poll()}")
+
+
+def _rank_pids(mpirun_pid):
+    """{rank: pid} of the python processes under an mpirun (MPICH's hydra sets PMI_RANK)."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            env = (d / "environ").read_bytes().split(b"\0")
+            cmd = (d / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"run.py" in cmd and any(e.startswith(b"PMI_RANK=") for e in env):
+            rank = int(next(e for e in env if e.startswith(b"PMI_RANK="))[9:])
+            out[rank] = int(d.name)
+    return out
+
+
+LONG = ["--task", "synthetic", "--rule", "bp", "--batch-size", 20, "--epochs", 1000, "--log-every", 1, "--quiet"]
+
+
+def _launch(args, **kw):
+    return subprocess.Popen([MPIRUN, "-n", "2", sys.executable, "run.py", "--distributed", "mpi", *map(str, args)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_a_killed_rank_ends_the_job(tmp_path):
+    """SIGKILL of rank 1: the launcher (MPICH's hydra) ends the job within seconds and names
+    the dead process by pid; every rank announced its pid at start-up, so the log says which
+    rank that was."""
+    out = tmp_path / "k"
+    p = _launch([*LONG, "--out", out])
+    try:
+        _wait_for_steps(out, 5, p)
+        pids = _rank_pids(p.pid)
+        os.kill(pids[1], signal.SIGKILL)
+        t = time.time()
+        stdout, stderr = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode != 0 and time.time() - t < 60
+    log = stdout + stderr
+    assert f"rank 1 of 2: pid {pids[1]}" in log and f"PID {pids[1]}" in log, log[-2000:]
+
+
+def test_a_hung_rank_is_named_and_the_job_aborted(tmp_path):
+    """A rank that stops (SIGSTOP: no exit for the launcher to see) leaves its peer waiting
+    in the all-reduce; the peer's watchdog aborts the job after --comm-timeout, naming it."""
+    out = tmp_path / "h"
+    p = _launch([*LONG, "--out", out, "--comm-timeout", 8])
+    pids = {}
+    try:
+        _wait_for_steps(out, 5, p)
+        time.sleep(6)                                          # let the heartbeat files appear
+        pids = _rank_pids(p.pid)
+        os.kill(pids[1], signal.SIGSTOP)
+        _, err = p.communicate(timeout=90)
+    finally:
+        for pid in pids.values():
+            try:
+                os.kill(pid, signal.SIGCONT)
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode != 0
+    assert "rank 0: an all-reduce" in err and "has waited" in err and f"rank 1 (pid {pids[1]} on" in err, err[-2000:]
+
+
+def test_an_exception_on_one_rank_ends_every_rank(tmp_path, shards):
+    """Rank 1 alone fails (its --data does not exist; MPMD launch): it prints the error with
+    its rank and aborts the job, so rank 0 does not wait for it forever."""
+    common = ["--distributed", "mpi", "--task", "imagenet", "--rule", "bp", "--max-steps", 3, "--quiet"]
+    common = [str(c) for c in common]
+    res = subprocess.run([MPIRUN, "-n", "1", sys.executable, "run.py", *common, "--data", str(shards), ":",
+                          "-n", "1", sys.executable, "run.py", *common, "--data", str(tmp_path / "nowhere")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    assert "error on rank 1 of 2: --data" in res.stderr and "no such folder" in res.stderr
+
+
+def test_divergence_stops_every_rank_with_the_same_message(tmp_path):
+    res = mpirun(2, "run.py", "--distributed", "mpi", "--task", "synthetic", "--rule", "bp", "--lr", "1e300",
+                 "--batch-size", 20, "--max-steps", 5, "--quiet", timeout=120)
+    assert res.returncode != 0
+    assert "the weights fc1.W after the step is not finite" in res.stderr
+
+
+def test_report_the_measured_differences():
+    """Not a check: prints the largest normwise differences the comparisons above measured
+    (run with -s to see them)."""
+    for case, what, d in sorted(DIFFS, key=lambda t: -t[2])[:8]:
+        print(f"{case:>24} {what:<28} {d:.2e}")
