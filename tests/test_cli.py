@@ -203,7 +203,7 @@ def test_deep_mlp_angles_below_one_degree_at_start(tmp_path, dtype, cifar_dir):
     """The issue's acceptance command, on Fashion-MNIST and on CIFAR-10 official-format files."""
     for task, data in (("fashion-mnist", None), ("cifar10", cifar_dir)):
         out = tmp_path / f"{task}-{dtype}"
-        args = ["--task", task, "--arch", "mlp-deep", "--rule", "gait", "--max-steps", 20, "--out", out,
+        args = ["--task", task, "--arch", "mlp-deep", "--rule", "gait", "--max-steps", 2, "--out", out,
                 "--angles-every", 5, "--dtype", dtype, "--eval-subset", 100, "--batch-size", 64]
         res = run_cli(*args, *(["--data", data] if data else []))
         assert res.exit_code == 0, res.output
@@ -225,7 +225,8 @@ def test_divergence_stops_with_a_clear_message(tmp_path):
     out = tmp_path / "d"
     res = run_cli("--task", "synthetic", "--rule", "bp", "--lr", "1e30", "--max-steps", 50, "--out", out,
                   "--log-every", 1, "--adam-eps", "1e-30", "--checkpoint-every", 1)
-    assert res.exit_code == 2 and "step" in res.output and ("non-finite" in res.output or "loss is" in res.output)
+    assert res.exit_code == 2 and "step" in res.output and "is not finite" in res.output
+    assert "of layer" in res.output or "the update of" in res.output or "the weights" in res.output   # names it
     assert (out / "last.h5").exists()            # the last good checkpoint is kept
     res = run_cli("--task", "synthetic", "--rule", "gait", "--max-steps", 3, "--out", tmp_path / "s")
     assert res.exit_code == 0
