@@ -62,6 +62,11 @@ def _read_config_file(path: str) -> dict:
 @click.option("--rule", type=click.Choice(RULES), help="Learning rule (default gait: normalized GAIT-prop).")
 @click.option("--target-form", type=click.Choice(["absolute", "difference"]),
               help="Target recursion of tp/itp/gait: the papers' absolute targets, or the exact difference form.")
+@click.option("--inverse-solver", type=click.Choice(["auto", "refine", "lu"]),
+              help="Exact inverses of tp/itp/gait: refine (GEMM-only refinement from a kept inverse, residual "
+                   "checked every step), lu (a fresh LU every step), auto (refine in float32, lu in float64).")
+@click.option("--ortho-every", type=click.IntRange(min=1),
+              help="Apply the orthogonality regulariser every K steps with weight K * lambda (default 1).")
 @click.option("--backend", type=click.Choice(BACKENDS),
               help="numpy (CPU, default), cupy (GPU), or emulated (cupy's device path on the CPU, strict; for tests).")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), help="Default float32.")

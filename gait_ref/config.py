@@ -120,6 +120,8 @@ class Config:
     arch: str | None = None
     rule: str = "gait"
     target_form: str = "difference"
+    inverse_solver: str = "auto"
+    ortho_every: int = 1
     backend: str = "numpy"
     dtype: str = "float32"
     seed: int = 0
@@ -241,6 +243,8 @@ OPTION_RULES = {
     "backend": _choice("numpy", "cupy", "emulated"),
     "dtype": _choice("float32", "float64"),
     "target_form": _choice("absolute", "difference"),
+    "inverse_solver": _choice("auto", "refine", "lu"),
+    "ortho_every": _at_least(1),
     "seed": _at_least(0),
     "epochs": _at_least(1),
     "max_steps": _at_least(1),

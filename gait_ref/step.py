@@ -1,6 +1,6 @@
 """One training step, on the device: forward pass -> loss and dL/dy_L -> the rule's updates
 (on BP's scale) -> summed over processes -> plus the orthogonality regulariser's gradient
--> finiteness checks -> the optimiser.
+(every step, or every K steps with weight K lambda) -> finiteness checks -> the optimiser.
 
 The step reads nothing from the device. It returns device scalars (the batch's summed
 loss and correct count) and one device vector of finiteness checks, which the training
@@ -56,9 +56,10 @@ class StepResult:
 
 class TrainStep:
     def __init__(self, net, loss, rule, opt, *, ortho_lambda: float = 0.0, ortho_form: str = "full",
-                 schedule: str = "parallel", seed: int = 0, comm=LOCAL):
+                 ortho_every: int = 1, schedule: str = "parallel", seed: int = 0, comm=LOCAL):
         self.net, self.loss, self.rule, self.opt, self.comm = net, loss, rule, opt, comm
         self.ortho_lambda, self.ortho_form, self.schedule, self.seed = ortho_lambda, ortho_form, schedule, seed
+        self.ortho_every = int(ortho_every)
         self.bp = BP(net)
         self.learned_feedback = hasattr(rule, "feedback_step")
 
@@ -93,6 +94,8 @@ class TrainStep:
                 grads, info = self.rule.compute(tr, gy, labels=y, batch=batch)
             if train_feedback and not self.rule.feedback_first:    # DTP/SDTP: targets, then inverses
                 fb_loss = self.rule.feedback_step(tr, rng, batch)
+        elif hasattr(self.rule, "refined"):                          # target rules: exact inverses
+            grads, info = self.rule.compute(tr, gy, batch=batch)
         else:
             grads, info = self.rule.compute(tr, gy)
 
@@ -117,9 +120,14 @@ class TrainStep:
         checks = [b == 0 for b in y_bad] + [xp.isfinite(loss_sum)]
         names = [f"the output of layer {layer.name}" for layer in net.layers] + ["the loss"]
         measured = self._measure(tr, grads, bp_grads, summed[len(keys) + len(stats):], keys, batch) if measure else {}
+        if measure and "solve_residual" in info:
+            measured["solve_residual"] = info["solve_residual"]
 
         if train_forward:
-            add_ortho_grads(net, grads, self.ortho_lambda, self.ortho_form)
+            # lazy regularisation (--ortho-every K): the penalty's gradient at steps K, 2K, ...
+            # with weight K lambda, so that it weighs the same on average (StyleGAN2's lazy R1)
+            if step % self.ortho_every == 0:
+                add_ortho_grads(net, grads, self.ortho_lambda * self.ortho_every, self.ortho_form)
             flat = {f"{net.layers[l].name}.{k}": grads[l][k] for l, k in keys}
             checks += [xp.isfinite(g).all() for g in flat.values()]
             names += [f"the update of {name}" for name in flat]

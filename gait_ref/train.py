@@ -100,7 +100,7 @@ class Trainer:
                    reduction=cfg.reduction)
         self.rule = make_rule(cfg.rule, self.net, seed=cfg.seed, gamma=cfg.gamma, form=cfg.target_form,
                               norm=cfg.gamma_norm, sqrt_dim=cfg.gamma_sqrt_dim, feedback_init=cfg.feedback_init,
-                              n_classes=self.data.n_classes, dtp_options=dtp)
+                              n_classes=self.data.n_classes, dtp_options=dtp, inverse_solver=cfg.inverse_solver)
         if cfg.optimizer == "sgd":
             self.opt = SGD(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         else:
@@ -109,7 +109,7 @@ class Trainer:
             self.opt = Adam(lr=cfg.lr, beta1=cfg.adam_beta1, beta2=cfg.adam_beta2, eps=cfg.adam_eps,
                             eps_placement=cfg.adam_eps_placement)
         self.step_fn = TrainStep(self.net, self.loss, self.rule, self.opt, ortho_lambda=cfg.ortho_lambda,
-                                 ortho_form=cfg.ortho_form, schedule=cfg.schedule, seed=cfg.seed, comm=comm)
+                                 ortho_form=cfg.ortho_form, ortho_every=cfg.ortho_every, schedule=cfg.schedule, seed=cfg.seed, comm=comm)
         self.step, self.epoch, self.batch = 0, 0, 0
         self.pending_eval = False          # a checkpoint saved at an epoch's end, before its evaluation
         self.saved_once = False
@@ -155,7 +155,7 @@ class Trainer:
         meta = self._meta()
         if self.out is not None:
             state = self.opt.state_dict()
-            if self.step_fn.learned_feedback:
+            if hasattr(self.rule, "state_dict"):                  # feedback layers, refinement state
                 state.update({f"rule/{k}": v for k, v in self.rule.state_dict().items()})
             self.out.save(self.net.parameters(), state, meta)
         self.saved_once = True
@@ -177,7 +177,7 @@ class Trainer:
         params, opt_state, meta, changes = self._load_checkpoint()
         restore_params(self.net, params, self.xp)
         self.opt.load_state_dict({k: v for k, v in opt_state.items() if not k.startswith("rule/")}, self.xp)
-        if self.step_fn.learned_feedback:
+        if hasattr(self.rule, "load_state_dict"):
             self.rule.load_state_dict({k[5:]: v for k, v in opt_state.items() if k.startswith("rule/")}, self.xp)
         self.step, self.epoch, self.batch = meta["step"], meta["epoch"], meta["batch"]
         acc = meta["acc"]

@@ -20,7 +20,8 @@ DTP_RULES = ("dtp", "sdtp", "ldrl")
 
 def make_rule(name: str, net, *, seed: int = 0, gamma: float | None = None,
               form: str = "difference", norm: str = "l2", sqrt_dim: bool = True,
-              feedback_init: str = "orthogonal", n_classes: int = 10, dtp_options: dict | None = None):
+              feedback_init: str = "orthogonal", n_classes: int = 10, dtp_options: dict | None = None,
+              inverse_solver: str = "auto"):
     """Build rule ``name`` for ``net``. gamma defaults: 1e-3 (itp, gait-vanilla), 1e-7 (gait)."""
     if name == "bp":
         return BP(net)
@@ -29,14 +30,14 @@ def make_rule(name: str, net, *, seed: int = 0, gamma: float | None = None,
     if name == "dfa":
         return DFA(net, seed=seed, init="normal" if feedback_init == "orthogonal" else feedback_init)
     if name == "tp":
-        return TargetRule(net, "tp", form=form)
+        return TargetRule(net, "tp", form=form, solver=inverse_solver)
     if name == "itp":
-        return TargetRule(net, "itp", gamma=1e-3 if gamma is None else gamma, form=form)
+        return TargetRule(net, "itp", gamma=1e-3 if gamma is None else gamma, form=form, solver=inverse_solver)
     if name == "gait-vanilla":
-        return TargetRule(net, "gait", gamma=1e-3 if gamma is None else gamma, form=form)
+        return TargetRule(net, "gait", gamma=1e-3 if gamma is None else gamma, form=form, solver=inverse_solver)
     if name == "gait":
-        return TargetRule(net, "gait", gamma=1e-7 if gamma is None else gamma,
-                          gamma_mode="normalized", form=form, norm=norm, sqrt_dim=sqrt_dim)
+        return TargetRule(net, "gait", gamma=1e-7 if gamma is None else gamma, gamma_mode="normalized", form=form,
+                          norm=norm, sqrt_dim=sqrt_dim, solver=inverse_solver)
     if name in DTP_RULES:
         return DifferenceTargetProp(net, name, n_classes=n_classes, seed=seed, **(dtp_options or {}))
     raise ValueError(f"unknown rule {name!r}; choose one of {', '.join(RULES)}")

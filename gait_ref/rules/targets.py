@@ -52,9 +52,14 @@ from __future__ import annotations
 
 import math
 
-from ..backend import get_xp
+import numpy as np
+
+from ..backend import get_xp, read_scalars
+from ..distributed import BatchSlice
+from ..linalg import RefinedInverse, SquareInverse, residual_bound, solver_for
 
 MODES = ("tp", "itp", "gait")
+MAX_ATTEMPTS = 2 + 3           # recursions per step at most: corrections added, then fresh inverses
 FORMS = ("absolute", "difference")
 GAMMAS = ("vanilla", "normalized")
 
@@ -68,7 +73,7 @@ class TargetRule:
     needs_square = True
 
     def __init__(self, net, mode: str = "gait", gamma: float = 1e-3, gamma_mode: str = "vanilla",
-                 form: str = "difference", norm: str = "l2", sqrt_dim: bool = True):
+                 form: str = "difference", norm: str = "l2", sqrt_dim: bool = True, solver: str = "auto"):
         if mode not in MODES:
             raise ValueError(f"unknown target mode {mode!r}; choose one of {MODES}")
         if form not in FORMS:
@@ -83,6 +88,10 @@ class TargetRule:
         self.net, self.mode, self.gamma, self.gamma_mode = net, mode, float(gamma), gamma_mode
         self.form, self.norm, self.sqrt_dim = form, norm, sqrt_dim
         self.name = mode
+        solver_for(solver, np.float32)                              # a clear error for an unknown name
+        self.solver = solver
+        self.refined = [RefinedInverse() for _ in net.layers]       # used by the refine solver
+        self.stats = {"steps": 0, "recursions": 0, "solves": 0, "corrections": 0}   # refine, for benchmarks
 
     # ---- the incremental factor ------------------------------------------------------------
     def _gamma(self, d):
@@ -104,12 +113,64 @@ class TargetRule:
         return g * fp * fp if self.mode == "gait" else g
 
     # ---- the recursion -----------------------------------------------------------------------
-    def compute(self, tr, gy):
-        """Per-layer updates on BP's scale, and info (mean target distance per layer, as
-        0-d device arrays: nothing is read from the device).
+    def compute(self, tr, gy, batch: BatchSlice | None = None):
+        """Per-layer updates on BP's scale, and info (mean target distance per layer, as 0-d
+        device arrays).
 
-        Each square layer is factorised when the recursion reaches it and released after,
-        so one factorisation is alive at a time."""
+        ``lu`` solver: each square layer is factorised when the recursion reaches it, so one
+        factorisation is alive at a time, and nothing is read from the device. ``refine``:
+        every solve's relative residual is checked against ``residual_bound`` with one read
+        for the whole recursion (summed over processes, so every process decides alike); if a
+        layer missed it, that layer's solver is strengthened and the recursion runs again."""
+        if solver_for(self.solver, gy.dtype) == "lu":
+            return self._recursion(tr, gy, lambda l, W: SquareInverse(W))
+        batch = BatchSlice.whole(gy.shape[0]) if batch is None else batch
+        bound = residual_bound(gy.dtype)
+        for attempt in range(MAX_ATTEMPTS):
+            ops = {}
+
+            def make_op(l, W):
+                ops[l] = self.refined[l].operator(W)
+                return ops[l]
+            grads, info = self._recursion(tr, gy, make_op)
+            layers = sorted(ops)
+            sq = read_scalars(batch.comm.allreduce_sum([v for l in layers for v in ops[l].sq]))   # one read
+            rels, pos = {}, 0
+            for l in layers:                       # ||B||^2, then ||r_k||^2 for k = 0..K
+                n = len(ops[l].sq)
+                b2 = sq[pos]
+                rels[l] = [float(np.sqrt(v / b2)) if b2 else 0.0 for v in sq[pos + 1:pos + n]]
+                pos += n
+            ok = [self.refined[l].check(rels[l], bound, self.net.layers[l].params["W"]) for l in layers]
+            self.stats["recursions"] += 1
+            self.stats["solves"] += len(layers)
+            self.stats["corrections"] += sum(len(rels[l]) - 1 for l in layers)
+            if all(ok):
+                self.stats["steps"] += 1
+                for l in layers:
+                    self.refined[l].settle()
+                info["solve_residual"] = {self.net.layers[l].name: rels[l][-1] for l in layers}
+                return grads, info
+        rel = {l: r[-1] for l, r in rels.items()}
+        worst = max(rel, key=rel.get)
+        raise ArithmeticError(f"layer {self.net.layers[worst].name}: the exact inverse reaches a relative residual "
+                              f"of {rel[worst]:.2e}, not the {bound:.1e} required, even from a fresh inverse (the "
+                              "layer is too ill-conditioned for this dtype; try --dtype float64)")
+
+    # ---- checkpoints: the refinement state, so that a resumed run solves exactly as before -------
+    def state_dict(self) -> dict:
+        state = {}
+        for l, r in enumerate(self.refined):
+            state.update(r.state_dict(f"inverse/{l}/"))
+        return state
+
+    def load_state_dict(self, state: dict, xp) -> None:
+        for l, r in enumerate(self.refined):
+            r.load_state_dict(state, f"inverse/{l}/", xp)
+
+    def _recursion(self, tr, gy, make_op):
+        """The target recursion (see the module docstring); ``make_op(l, W)`` gives layer l's
+        solver for this step."""
         net = self.net
         xp = get_xp(gy)
         L = len(net)
@@ -128,7 +189,7 @@ class TargetRule:
                 break
             gamma = self._gamma(d)
             eps = self._eps(gamma, fp)
-            op = layer.inverse_operator()
+            op = make_op(l, layer.params["W"])
             if self.form == "difference":
                 # d_{l-1} = (f^-1(y + eps d) - f^-1(y)) W^-1, exactly
                 d = layer.inverse_delta(f.inverse_difference(y, eps * d), tr.caches[l], op)
