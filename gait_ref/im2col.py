@@ -116,7 +116,8 @@ def im2col(x, g: ConvGeometry):
 def col2im(cols, g: ConvGeometry, N: int):
     """The exact adjoint of im2col: cols : (N * Ho * Wo, D) -> x : (N, C, H, W).
 
-    Each patch entry is summed back onto the pixel it was read from. A new array.
+    Each patch entry is summed back onto the pixel it was read from. A new array, NCHW-shaped
+    with channels-last memory (as ``rows_to_nchw``), so the next GEMM reads it without a copy.
     """
     xp = get_xp(cols)
     t, b, l, r = g.pads
@@ -126,8 +127,8 @@ def col2im(cols, g: ConvGeometry, N: int):
     for ky in range(g.K):
         for kx in range(g.K):
             xt[:, ky:ky + ye:g.S, kx:kx + xe:g.S, :] += c6[:, :, :, ky, kx, :]
-    xt = xt[:, t:t + g.H, l:l + g.W, :]                           # crop the padding
-    return xp.ascontiguousarray(xt.transpose(0, 3, 1, 2))          # (N, C, H, W)
+    xt = xp.ascontiguousarray(xt[:, t:t + g.H, l:l + g.W, :])     # crop the padding: (N, H, W, C)
+    return xt.transpose(0, 3, 1, 2)                                # (N, C, H, W), channels-last memory
 
 
 def rows_to_nchw(m, N: int, Ho: int, Wo: int):

@@ -37,14 +37,20 @@ class _Windowed:
         return x[:, :self.c_read]                                    # (N, Cr, H, W)
 
     def _embed(self, x_read, fill):
-        """Full (N, C, H, W) from the read channels; unread channels from ``fill`` (or 0)."""
+        """Full (N, C, H, W) from the read channels; unread channels from ``fill`` (or 0).
+        Built channels-last, like every activation (see ``gait_ref.im2col``)."""
         xp = get_xp(x_read)
         C = self.in_shape[0]
         if self.c_read == C:
             return x_read
-        rest = (xp.zeros((x_read.shape[0], C - self.c_read) + x_read.shape[2:], x_read.dtype)
-                if fill is None else fill[:, self.c_read:])
-        return xp.concatenate([x_read, rest], axis=1)
+        N, Cr, H, W = x_read.shape
+        out = xp.empty((N, H, W, C), dtype=x_read.dtype)                # (N, H, W, C)
+        out[..., :Cr] = x_read.transpose(0, 2, 3, 1)
+        if fill is None:
+            out[..., Cr:] = 0
+        else:
+            out[..., Cr:] = fill[:, Cr:].transpose(0, 2, 3, 1)
+        return out.transpose(0, 3, 1, 2)                                 # (N, C, H, W) view
 
     def _overlap_correction(self, x_read):
         """(R - 1) * x: the forward input reconstructed once too often by col2im."""

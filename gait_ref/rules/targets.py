@@ -94,14 +94,15 @@ class TargetRule:
         self.stats = {"steps": 0, "recursions": 0, "solves": 0, "corrections": 0}   # refine, for benchmarks
 
     # ---- the incremental factor ------------------------------------------------------------
-    def _gamma(self, d):
-        """gamma_l: a float (vanilla) or an (N,) array (normalized, scaling paper eq. 5)."""
+    def _gamma(self, d, size: int):
+        """gamma_l: a float (vanilla) or an (N,) array (normalized, scaling paper eq. 5);
+        ``size`` is D_l, all units of the layer (auxiliary ones included)."""
         if self.gamma_mode == "vanilla":
             return self.gamma
         xp = get_xp(d)
         dist = xp.sqrt((d.reshape(d.shape[0], -1) ** 2).sum(axis=1))          # (N,) ||d_{l,n}||
         denom = dist * dist if self.norm == "squared" else dist
-        num = self.gamma * (math.sqrt(d[0].size) if self.sqrt_dim else 1.0)
+        num = self.gamma * (math.sqrt(size) if self.sqrt_dim else 1.0)
         safe = xp.where(denom > 0, denom, 1)
         return xp.where(denom > 0, d.dtype.type(num) / safe, d.dtype.type(1))  # d = 0: gamma 1
 
@@ -168,6 +169,26 @@ class TargetRule:
         for l, r in enumerate(self.refined):
             r.load_state_dict(state, f"inverse/{l}/", xp)
 
+    def _live(self, l: int, y) -> int | None:
+        """How many leading entries along axis 1 of layer l's output can carry d != 0: those the
+        layer above reads. The rest are auxiliary units, whose targets are their forward values
+        (d = 0 exactly), so the elementwise work of the difference form skips them. None: all."""
+        if self.form != "difference" or l == len(self.net) - 1:
+            return None
+        above = self.net.layers[l + 1]
+        per_channel = math.prod(y.shape[2:])                      # units per channel (1 for dense)
+        read = above.n_read if above.kind == "dense" else above.c_read * per_channel
+        if read % per_channel or read // per_channel >= y.shape[1]:
+            return None
+        return read // per_channel
+
+    @staticmethod
+    def _embed(part, like):
+        """``part`` as the leading entries (axis 1) of a zero array shaped like ``like``."""
+        out = get_xp(part).zeros_like(like)
+        out[:, :part.shape[1]] = part
+        return out
+
     def _recursion(self, tr, gy, make_op):
         """The target recursion (see the module docstring); ``make_op(l, W)`` gives layer l's
         solver for this step."""
@@ -181,18 +202,21 @@ class TargetRule:
         s = xp.ones(yL.shape[0], dtype=yL.dtype)  # the per-sample scale s_l
         for l in range(L - 1, -1, -1):
             layer, f = net.layers[l], net.activations[l]
-            y, fp = tr.ys[l], f.deriv(tr.hs[l])
+            c = self._live(l, tr.ys[l])
+            live = (lambda a: a[:, :c]) if c else (lambda a: a)          # the units that carry d
+            full = (lambda a: self._embed(a, tr.ys[l])) if c else (lambda a: a)
+            y, fp, d = live(tr.ys[l]), f.deriv(live(tr.hs[l])), live(d)
             # eq. 18: dW_l = y_{l-1}^T ((y_l - t_l) * f'(h_l)), times s_l (eq. 21)
-            grads[l] = layer.param_grads((-d) * fp * _per_sample(s, d), tr.caches[l])
+            grads[l] = layer.param_grads(full((-d) * fp * _per_sample(s, d)), tr.caches[l])
             dist[l] = xp.sqrt((d.reshape(d.shape[0], -1) ** 2).sum(axis=1)).mean()   # 0-d, on the device
             if l == 0:
                 break
-            gamma = self._gamma(d)
+            gamma = self._gamma(d, tr.ys[l][0].size)
             eps = self._eps(gamma, fp)
             op = make_op(l, layer.params["W"])
             if self.form == "difference":
                 # d_{l-1} = (f^-1(y + eps d) - f^-1(y)) W^-1, exactly
-                d = layer.inverse_delta(f.inverse_difference(y, eps * d), tr.caches[l], op)
+                d = layer.inverse_delta(full(f.inverse_difference(y, eps * d)), tr.caches[l], op)
             else:
                 # t_{l-1} = g_l^-1((1 - eps) y + eps t), eq. 17
                 t = net.invert_layer(l, (1 - eps) * y + eps * t, tr, op)
