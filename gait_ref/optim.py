@@ -28,7 +28,8 @@ class Adam:
         self.m, self.v = {}, {}
 
     def step(self, params: dict, grads: dict) -> None:
-        """params[name] -= update(grads[name]), in place."""
+        """params[name] -= update(grads[name]), in place (one scratch array per parameter,
+        no other temporaries: Adam is memory traffic, a large part of a step on a CPU)."""
         self.t += 1
         b1, b2, t = self.beta1, self.beta2, self.t
         for name, p in params.items():
@@ -36,22 +37,32 @@ class Adam:
             xp = get_xp(p, g)
             if name not in self.m:
                 self.m[name], self.v[name] = xp.zeros_like(p), xp.zeros_like(p)
-            m, v = self.m[name], self.v[name]
+            m, v, tmp = self.m[name], self.v[name], xp.empty_like(p)
+            c1, c2 = p.dtype.type(1 - b1), p.dtype.type(1 - b2)
             # m_t = b1 m_{t-1} + (1 - b1) g
-            m *= b1
-            m += (1 - b1) * g
+            m *= p.dtype.type(b1)
+            xp.multiply(g, c1, out=tmp)
+            m += tmp
             # v_t = b2 v_{t-1} + (1 - b2) g^2
-            v *= b2
-            v += (1 - b2) * (g * g)
+            v *= p.dtype.type(b2)
+            xp.multiply(g, g, out=tmp)
+            tmp *= c2
+            v += tmp
             if self.eps_placement == "hat":
                 # theta -= lr * (m_t / (1 - b1^t)) / (sqrt(v_t / (1 - b2^t)) + eps)
-                m_hat = m / (1 - b1 ** t)
-                v_hat = v / (1 - b2 ** t)
-                p -= (self.lr * m_hat / (xp.sqrt(v_hat) + self.eps)).astype(p.dtype, copy=False)
+                xp.divide(v, p.dtype.type(1 - b2 ** t), out=tmp)
+                xp.sqrt(tmp, out=tmp)
+                tmp += p.dtype.type(self.eps)
+                xp.divide(m, tmp, out=tmp)
+                tmp *= p.dtype.type(self.lr / (1 - b1 ** t))
             else:
                 # lr_t = lr sqrt(1 - b2^t) / (1 - b1^t);  theta -= lr_t m_t / (sqrt(v_t) + eps)
                 lr_t = self.lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
-                p -= (lr_t * m / (xp.sqrt(v) + self.eps)).astype(p.dtype, copy=False)
+                xp.sqrt(v, out=tmp)
+                tmp += p.dtype.type(self.eps)
+                xp.divide(m, tmp, out=tmp)
+                tmp *= p.dtype.type(lr_t)
+            p -= tmp
 
     def state_dict(self) -> dict:
         state = {"t": self.t}

@@ -290,7 +290,6 @@ class Trainer:
     def run(self, on_step=None):
         """Train. ``on_step(step, logged)`` is called after every step (tests and benchmarks
         count device traffic with it); ``logged`` says the step logged, measured or saved."""
-        cfg = self.cfg
         if self.out is not None:
             self.out.acquire()
         try:

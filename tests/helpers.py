@@ -2,7 +2,7 @@
 import numpy as np
 
 from gait_ref.backend import to_device
-from gait_ref.init import init_layer, orthogonal_matrix
+from gait_ref.init import init_layer
 
 
 def init_well_conditioned(layer, rng, xp, dtype=np.float64, skew=0.3):

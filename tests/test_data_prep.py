@@ -8,7 +8,6 @@ from click.testing import CliRunner
 from PIL import Image
 
 from data_prep.__main__ import cli
-from data_prep.downsampled import pack_downsampled
 from data_prep.imagenet_tree import PrepError, pack_tree
 from gait_ref.data import ShardSet
 from gait_ref.data.shards import sha256_file
