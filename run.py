@@ -127,6 +127,12 @@ def _read_config_file(path: str) -> dict:
 @click.option("--log-every", type=click.IntRange(min=1), help="Train metrics every N steps.")
 @click.option("--eval-subset", type=click.IntRange(min=0), help="Evaluate on the first N test images only.")
 @click.option("--train-subset", type=click.IntRange(min=0), help="Train on the first N images only.")
+@click.option("--val-holdout", type=click.IntRange(min=0),
+              help="Hold out the last N training images as a validation set, evaluated every epoch.")
+@click.option("--patience", type=click.IntRange(min=0),
+              help="With --val-holdout: stop when validation top-1 has not improved for P epochs (0: never).")
+@click.option("--square-net", is_flag=True, default=None,
+              help="Build the square (invertible) version of the architecture for any rule, e.g. BP on GP's network.")
 @click.option("--quiet", is_flag=True, default=None, help="No progress output.")
 @click.option("--loader-workers", type=click.IntRange(min=0),
               help="Processes reading HDF5 shards in parallel (default 0: one reader thread).")

@@ -166,6 +166,9 @@ class Config:
     cond_max: float = 1e6
     eval_subset: int = 0
     train_subset: int = 0
+    val_holdout: int = 0
+    patience: int = 0
+    square_net: bool = False
     quiet: bool = False
     loader_workers: int = 0
     in_memory: str | None = None
@@ -285,6 +288,9 @@ OPTION_RULES = {
     "cond_max": (float, lambda v: v > 1, "> 1"),
     "eval_subset": _at_least(0),
     "train_subset": _at_least(0),
+    "val_holdout": _at_least(0),
+    "patience": _at_least(0),
+    "square_net": (bool, lambda v: True, "true or false"),
     "quiet": (bool, lambda v: True, "true or false"),
     "loader_workers": _at_least(0),
     "in_memory": _choice("host", "device"),

@@ -75,15 +75,21 @@ class Trainer:
         if comm.is_root:
             comm.barrier(timeout=False)
         train, test = self.data.train, self.data.test
+        self.val_set = None
+        if cfg.val_holdout:                 # the last N training images, never trained on
+            if cfg.val_holdout >= len(train):
+                raise ValueError(f"--val-holdout {cfg.val_holdout} leaves none of the {len(train)} training images")
+            self.val_set = _Subset(train, len(train) - cfg.val_holdout, len(train))
+            train = _Subset(train, 0, len(train) - cfg.val_holdout)
         if cfg.train_subset:
             from .data import ArraySet
             idx = np.arange(min(cfg.train_subset, len(train)))
             train = ArraySet(*train.read(idx), self.data.n_classes)
         self.train_set = train
         n_eval = len(test) if not cfg.eval_subset else min(cfg.eval_subset, len(test))
-        self.eval_set = test if n_eval == len(test) else _Subset(test, n_eval)
+        self.eval_set = test if n_eval == len(test) else _Subset(test, 0, n_eval)
         self.out = RunFolder(cfg.out, quiet=cfg.quiet) if cfg.out and comm.is_root else None
-        self.invertible = cfg.rule in TARGET_RULES
+        self.invertible = cfg.rule in TARGET_RULES or cfg.square_net
         part = (comm.rank, comm.size)
         self.train_loader = BatchLoader(train, cfg.batch_size, self.xp, self.dtype, shuffle=True, seed=cfg.seed,
                                         image_size=cfg.image_size, workers=cfg.loader_workers,
@@ -91,6 +97,11 @@ class Trainer:
         self.eval_loader = BatchLoader(self.eval_set, min(1000, n_eval), self.xp, self.dtype, shuffle=False,
                                        drop_last=False, image_size=cfg.image_size, part=part,
                                        in_memory=cfg.in_memory if cfg.in_memory == "device" else None)
+        self.val_loader = None if self.val_set is None else BatchLoader(
+            self.val_set, min(1000, len(self.val_set)), self.xp, self.dtype, shuffle=False, drop_last=False,
+            image_size=cfg.image_size, part=part)
+        self.best_val = {"top1": -1.0, "epoch": -1}      # early stopping (--patience); checkpointed
+        self.stopped_early = False
         self.net = build(cfg.arch, self.train_loader.in_shape, self.data.n_classes, self.invertible,
                          linear=cfg.linear)
         self.net.init(cfg.seed, cfg.init, self.xp, self.dtype)
@@ -141,7 +152,8 @@ class Trainer:
         self.acc.update(loss=None, correct=None, time=acc["time"], wall=acc["wall"], t0=time.perf_counter())
         self.acc["loss"], self.acc["correct"] = self._dev_scalar(acc["loss"]), self._dev_scalar(acc["correct"])
         return {"step": self.step, "epoch": self.epoch, "batch": self.batch, "acc": acc,
-                "pending_eval": self.pending_eval, "wall_time_s": self.wall_time(), "config": self.cfg.to_dict()}
+                "pending_eval": self.pending_eval, "best_val": self.best_val, "wall_time_s": self.wall_time(),
+                "config": self.cfg.to_dict()}
 
     def _dev_scalar(self, v):
         return to_device(np.asarray(v, np.float64), self.xp)
@@ -185,6 +197,7 @@ class Trainer:
                     "n": acc["n"], "steps": acc["steps"], "data_wait": acc.get("data_wait", 0.0),
                     "time": acc["time"], "wall": acc.get("wall", acc["time"]), "t0": time.perf_counter()}
         self.pending_eval = meta.get("pending_eval", False)
+        self.best_val = meta.get("best_val", self.best_val)
         self.wall_before = meta["wall_time_s"]
         self.saved_once = True
         if self.out is not None:
@@ -232,7 +245,8 @@ class Trainer:
         """Verify every shard this run will read before the first step (cached)."""
         from .data.packaged import cache_dir
         for name, data in (("train", self.train_set), ("eval", self.eval_set)):
-            data = getattr(data, "data", data)
+            while hasattr(data, "data") and not hasattr(data, "verify"):        # subsets: the set underneath
+                data = data.data
             if hasattr(data, "verify"):
                 cache = (Path(self.cfg.out) / "shard_verification.json" if self.cfg.out else
                          cache_dir() / "shard-verification.json")
@@ -266,12 +280,14 @@ class Trainer:
         self.check_conditioning()          # a singular square layer is the usual cause: name it
         raise DivergenceError(msg)
 
-    def evaluate(self):
-        """Mean per-sample loss, top-1 (and top-5 with more than 5 classes) on the eval set."""
+    def evaluate(self, loader=None):
+        """Mean per-sample loss, top-1 (and top-5 with more than 5 classes) on the test set
+        (or ``loader``'s set)."""
         xp = self.xp
+        loader = self.eval_loader if loader is None else loader
         k5 = self.data.n_classes > 5
         sums = [xp.zeros((), dtype=xp.float64) for _ in range(3)]
-        for _, x, y in self.eval_loader.epoch(0):
+        for _, x, y in loader.epoch(0):
             out = self.net.forward(x).output
             l, _ = self.loss.value_and_grad(out, y, n_total=1)     # 'mean' over 1 row: the sum over rows
             logits = self.loss.logits(out)
@@ -280,7 +296,7 @@ class Trainer:
             if k5:
                 sums[2] = sums[2] + topk_correct(logits, y, 5)
         loss, top1, top5 = read_scalars(self.comm.allreduce_sum(sums))
-        n = len(self.eval_set)
+        n = len(loader.data)
         rec = {"loss": loss / n, "top1": top1 / n}
         if k5:
             rec["top5"] = top5 / n
@@ -297,8 +313,9 @@ class Trainer:
         finally:
             if self.out is not None:
                 self.out.release()
-            self.train_loader.close()
-            self.eval_loader.close()
+            for loader in (self.train_loader, self.eval_loader, self.val_loader):
+                if loader is not None:
+                    loader.close()
 
     def _run(self, on_step):
         cfg = self.cfg
@@ -323,7 +340,7 @@ class Trainer:
             if self.pending_eval:                                  # resumed between a save and its evaluation
                 self._log_eval(None)
             last = None
-            while self.epoch < cfg.epochs and self.step < max_steps:
+            while self.epoch < cfg.epochs and self.step < max_steps and not self.stopped_early:
                 last = self._run_epoch(max_steps, on_step)
                 if self.batch >= per_epoch:  # the epoch finished
                     last = self._flush_train() or last
@@ -369,12 +386,22 @@ class Trainer:
         return rec
 
     def _log_eval(self, last_train):
+        if self.val_loader is not None:
+            val = {"epoch": self.epoch, "step": self.step, "split": "val", **self.evaluate(self.val_loader)}
+            self.log(val)
+            if val["top1"] > self.best_val["top1"]:
+                self.best_val = {"top1": val["top1"], "epoch": self.epoch}
+            elif self.cfg.patience and self.epoch - self.best_val["epoch"] >= self.cfg.patience:
+                self.stopped_early = True
         rec = {"epoch": self.epoch, "step": self.step, "split": "test", **self.evaluate(),
                "wall_time_s": self.wall_time()}
         rep = self.check_conditioning()
         if rep:
             rec["ortho_error"] = {k: v["ortho_error"] for k, v in rep.items()}
         self.log(rec)
+        if self.stopped_early:
+            self.log({"epoch": self.epoch, "step": self.step, "split": "early_stop",
+                      "best_val_epoch": self.best_val["epoch"], "best_val_top1": self.best_val["top1"]})
         self.pending_eval = False
         if not self.cfg.quiet and self.comm.is_root:
             tr = f"train loss {last_train['loss']:.4g} top1 {last_train['top1']:.4f} | " if last_train else ""
@@ -454,12 +481,14 @@ class Trainer:
 
 
 class _Subset:
-    def __init__(self, data, n):
-        self.data, self.n = data, n
+    """Images [lo, hi) of a data set."""
+
+    def __init__(self, data, lo, hi):
+        self.data, self.lo, self.n = data, int(lo), int(hi) - int(lo)
         self.in_shape, self.n_classes = data.in_shape, data.n_classes
 
     def __len__(self):
         return self.n
 
     def read(self, idx):
-        return self.data.read(idx)
+        return self.data.read(np.asarray(idx) + self.lo)

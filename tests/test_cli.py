@@ -357,3 +357,23 @@ def test_dtp_resume_is_bit_exact(tmp_path):
     assert run_cli(*common, "--max-steps", 13, "--out", b).exit_code == 0
     assert run_cli(*common, "--max-steps", 30, "--out", b, "--resume").exit_code == 0
     assert strip_timings(records(a)) == strip_timings(records(b))
+
+
+def test_validation_holdout_and_early_stopping(tmp_path):
+    """--val-holdout N: the last N training images are a validation set, evaluated every epoch
+    and never trained on; --patience P stops P epochs after the best one. A run interrupted
+    mid-way resumes into exactly the same records, early stop included."""
+    common = ["--task", "synthetic", "--rule", "bp", "--batch-size", 100, "--lr", 0.003, "--val-holdout", 1000,
+              "--patience", 2, "--epochs", 40]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_cli(*common, "--out", a).exit_code == 0
+    recs = records(a)
+    val = [r for r in recs if r["split"] == "val"]
+    stop = [r for r in recs if r["split"] == "early_stop"]
+    assert len(stop) == 1 and stop[0]["epoch"] - stop[0]["best_val_epoch"] == 2 < 40 - 1
+    best = max(val, key=lambda r: r["top1"])
+    assert best["epoch"] == stop[0]["best_val_epoch"] and all(r["top1"] < best["top1"] for r in val[best["epoch"]:])
+    assert [r["step"] for r in recs if r["split"] == "train"][-1] == 30 * stop[0]["epoch"]   # 3000 images / 100
+    assert run_cli(*common, "--out", b, "--max-steps", 95).exit_code == 0
+    assert run_cli(*common, "--out", b, "--resume").exit_code == 0
+    assert strip_timings(records(b)) == strip_timings(recs)
