@@ -18,6 +18,17 @@ Tables
               float64 beside float32.
   imagenet20  the 20 real ImageNet photos of the foolbox wheel, packed by data_prep into
               64 px shards, trained by the 7-conv GP network (and BP), angles to BP.
+  bartunov    Bartunov et al. 2018 Table 1, fully connected (7 x 240 tanh) on MNIST: BP, FA,
+              DTP, SDTP (parallel schedule) and L-DRL, with the last 10,000 training images held
+              out for validation, early stopping on validation (patience 10, at most 100 epochs),
+              test error at the best validation epoch; BP and DTP also with seeds 1 and 2.
+  fmnist-gap  why GAIT-prop trails BP on Fashion-MNIST: the shallow MLP for 20 epochs, BP on the
+              ordinary net and on GP's square net with GP's regulariser (lambda 100), GP with
+              lambda 100 (the paper), 10, 1, 0, and lambda 100 applied lazily (--ortho-every 4).
+  neurips-depth  NeurIPS Fig. 2A: MNIST MLPs of 1-4 hidden layers of 784, BP / TP / GP (vanilla),
+              10 epochs; and the linear network for 30 epochs.
+  vgg         L-DRL with conv-pool feedback on MNIST (vgg-8-16): BP, FA, DTP, SDTP, L-DRL, 5 epochs
+              (SGD rules at lr 0.003: the CIFAR preset's 0.08 diverges on MNIST).
 """
 from __future__ import annotations
 
@@ -36,6 +47,7 @@ NEURIPS_EPOCHS = 2   # the paper trains 100; this machine has 2 CPU cores
 DEPTH_EPOCHS = 20
 FLOAT64_EPOCHS = 3   # the float64 twin of the deep normalized-GP run, for the precision comparison
 IMAGENET20_EPOCHS = 60
+TABLES = ("neurips", "depth", "imagenet20", "bartunov", "fmnist-gap", "neurips-depth", "vgg")
 
 
 def table_runs(table: str, quick: bool, root: Path) -> dict:
@@ -71,8 +83,33 @@ def table_runs(table: str, quick: bool, root: Path) -> dict:
         for rule in ("gait", "bp"):
             runs[f"conv7-{rule}"] = ["--task", "imagenet", "--data", shards, "--rule", rule, "--batch-size", 10,
                                      "--epochs", IMAGENET20_EPOCHS, "--angles-every", 4, "--lr", 1e-3]
+    elif table == "bartunov":
+        for rule in ("bp", "fa", "dtp", "sdtp", "ldrl"):
+            for seed in ((0, 1, 2) if rule in ("bp", "dtp") else (0,)):
+                runs[f"fc-{rule}" + (f"-seed{seed}" if seed else "")] = [
+                    "--task", "mnist", "--arch", "bartunov-mlp", "--rule", rule, "--val-holdout", 10000,
+                    "--patience", 10, "--epochs", 100, "--seed", seed]
+    elif table == "fmnist-gap":
+        base = ["--task", "fashion-mnist", "--arch", "mlp-shallow", "--epochs", 20, "--angles-every", 200]
+        runs["bp"] = base + ["--rule", "bp"]
+        runs["bp-square-ortho100"] = base + ["--rule", "bp", "--square-net", "--ortho-lambda", 100]
+        for lam in (100, 10, 1, 0):
+            runs[f"gait-ortho{lam}"] = base + ["--rule", "gait", "--ortho-lambda", lam]
+        runs["gait-ortho100-every4"] = base + ["--rule", "gait", "--ortho-lambda", 100, "--ortho-every", 4]
+    elif table == "neurips-depth":
+        for depth in (1, 2, 3, 4):
+            for rule in ("bp", "tp", "gait-vanilla"):
+                runs[f"mnist-784x{depth}-{rule}"] = ["--task", "mnist", "--arch", f"mlp-784x{depth}", "--rule", rule,
+                                                     "--epochs", 10]
+        for rule in ("bp", "tp", "gait-vanilla"):
+            runs[f"mnist-linear-{rule}"] = ["--task", "mnist", "--arch", "mlp-784x4", "--rule", rule, "--linear",
+                                            "--ortho-lambda", 0, "--epochs", 30]
+    elif table == "vgg":
+        for rule in ("bp", "fa", "dtp", "sdtp", "ldrl"):
+            runs[rule] = ["--task", "mnist", "--arch", "vgg-8-16", "--rule", rule, "--epochs", 5,
+                          *(["--lr", 0.003] if rule in ("bp", "ldrl") else [])]
     else:
-        raise click.UsageError(f"unknown table {table!r}; choose neurips, depth or imagenet20")
+        raise click.UsageError(f"unknown table {table!r}; choose one of {', '.join(TABLES)}")
     if quick:
         for args in runs.values():
             i = args.index("--epochs")
@@ -106,6 +143,8 @@ def finished(out: Path, args) -> bool:
     if not path.exists():
         return False
     recs = [json.loads(l) for l in path.read_text().splitlines()]
+    if any(r["split"] == "early_stop" for r in recs):
+        return True
     tests = [r for r in recs if r["split"] == "test"]
     if not tests:
         return False
@@ -144,7 +183,7 @@ def cli():
 @click.option("--only", help="Comma-separated run names.")
 @click.option("--quiet", is_flag=True)
 def run(table, quick, root, jobs, threads, only, quiet):
-    """Train every run of TABLE (neurips, depth, imagenet20)."""
+    """Train every run of TABLE (neurips, depth, imagenet20, bartunov, fmnist-gap, neurips-depth, vgg)."""
     root = Path(root) / ("quick" if quick else "")
     if table == "imagenet20":
         prepare_imagenet20(root, quiet)
@@ -171,7 +210,14 @@ def summarize(out: Path) -> dict | None:
         return None
     angles = [r for r in recs if "angles_deg" in r]
     cfg = json.loads((out / "config.json").read_text())
+    vals = [r for r in recs if r["split"] == "val"]
+    if vals:                                   # early stopping: the test error at the best validation epoch
+        best = max(vals, key=lambda r: r["top1"])
+        at_best = next(r for r in tests if r["epoch"] == best["epoch"])
     s = {"test_top1": tests[-1]["top1"], "best_test_top1": max(r["top1"] for r in tests),
+         "val_top1": best["top1"] if vals else None, "best_val_epoch": best["epoch"] if vals else None,
+         "test_top1_at_best_val": at_best["top1"] if vals else None,
+         "stopped_early": any(r["split"] == "early_stop" for r in recs),
          "train_top1": trains[-1]["top1"] if trains else float("nan"), "epochs": tests[-1]["epoch"],
          "steps": tests[-1]["step"], "wall_time_s": tests[-1].get("wall_time_s", float("nan")),
          "dtype": cfg["config"]["dtype"], "backend": cfg["backend"], "seed": cfg["config"]["seed"]}
@@ -191,7 +237,7 @@ def report(root, docs, quick):
     """Print each table's markdown and write figures into DOCS/figures."""
     from .plot import plot_runs
     root = Path(root) / ("quick" if quick else "")
-    for table in ("neurips", "depth", "imagenet20"):
+    for table in TABLES:
         runs = table_runs(table, quick, root)
         rows = []
         for name, args in runs.items():
@@ -202,15 +248,28 @@ def report(root, docs, quick):
             angles = ""
             if "angles_mean_late" in s:
                 angles = ", ".join(f"{k} {v:.3g}" for k, v in s["angles_mean_late"].items())
-            rows.append(f"| {name} | {100 * s['test_top1']:.2f} | {100 * s['best_test_top1']:.2f} | "
+            if s["val_top1"] is not None:            # early-stopping tables: errors, as the paper
+                state = "stopped early" if s["stopped_early"] else ("finished" if finished(root / table / name, args)
+                                                                  else "UNFINISHED")
+                rows.append(f"| {name} | {100 * (1 - s['test_top1_at_best_val']):.2f} | {s['best_val_epoch']} | "
+                            f"{100 * (1 - s['val_top1']):.2f} | {100 * (1 - s['train_top1']):.2f} | {s['epochs']} "
+                            f"({state}) | {s['wall_time_s'] / 60:.1f} | `{cmd}` |")
+                continue
+            state = "" if finished(root / table / name, args) else " (UNFINISHED)"
+            rows.append(f"| {name}{state} | {100 * s['test_top1']:.2f} | {100 * s['best_test_top1']:.2f} | "
                         f"{100 * s['train_top1']:.2f} | {s['epochs']} | {s['wall_time_s'] / 60:.1f} | "
                         f"{s['dtype']} | {angles} | `{cmd}` |")
         if not rows:
             continue
         click.echo(f"\n### {table}\n")
-        click.echo("| run | final test top-1 % | best test top-1 % | last train top-1 % | epochs | wall min "
-                   "| dtype | mean angle to BP, 2nd half (deg) | command (seed 0) |")
-        click.echo("|---|---|---|---|---|---|---|---|---|")
+        if table == "bartunov":
+            click.echo("| run | test error % at best val epoch | best val epoch | val error % | last train error % "
+                       "| epochs run | wall min | command |")
+            click.echo("|---|---|---|---|---|---|---|---|")
+        else:
+            click.echo("| run | final test top-1 % | best test top-1 % | last train top-1 % | epochs | wall min "
+                       "| dtype | mean angle to BP, 2nd half (deg) | command |")
+            click.echo("|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             click.echo(r)
         done = [root / table / n for n in runs if (root / table / n / "metrics.jsonl").exists()]

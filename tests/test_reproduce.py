@@ -11,12 +11,20 @@ def test_tables_cover_the_issue_runs(tmp_path):
     depth = table_runs("depth", False, tmp_path)
     assert {f"{a}-{r}" for a in ("mlp-shallow", "mlp-deep") for r in ("bp", "fa", "gait-vanilla", "gait")} <= set(depth)
     assert all(int(a[a.index("--epochs") + 1]) >= 20 for n, a in depth.items() if "float64" not in n)
+    bartunov = table_runs("bartunov", False, tmp_path)
+    assert {f"fc-{r}" for r in ("bp", "fa", "dtp", "sdtp", "ldrl")} | {"fc-dtp-seed2", "fc-bp-seed1"} <= set(bartunov)
+    assert all("--val-holdout" in a for a in bartunov.values())
+    gap = table_runs("fmnist-gap", False, tmp_path)
+    assert {"bp", "bp-square-ortho100", "gait-ortho100", "gait-ortho1", "gait-ortho100-every4"} <= set(gap)
+    assert set(table_runs("vgg", False, tmp_path)) == {"bp", "fa", "dtp", "sdtp", "ldrl"}
 
 
 @pytest.mark.parametrize("table,only", [
     ("neurips", "mnist-784x4-gait-vanilla,mnist-linear-tp,mnist-tower-bp"),
     ("depth", "mlp-deep-gait,mlp-shallow-fa"),
     ("imagenet20", None),
+    ("bartunov", "fc-dtp,fc-bp-seed1"),
+    ("fmnist-gap", "bp-square-ortho100,gait-ortho100-every4"),
 ])
 def test_quick_mode_runs_the_pipeline(tmp_path, table, only):
     args = ["run", table, "--quick", "--root", str(tmp_path), "--quiet"] + (["--only", only] if only else [])
