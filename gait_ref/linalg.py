@@ -76,11 +76,20 @@ class RefinedInverse:
 
     def __init__(self):
         self.X, self.K, self.refreshes = None, 1, 0
-        self._planned = None
+        self._planned, self.rho = None, None
 
-    def refresh(self, W) -> None:
-        """X = W^-1 of the current weights, K = 1."""
-        self.X, self.K = get_xp(W).linalg.inv(W), 1
+    def refresh(self, W, newton: bool = False) -> None:
+        """A better X for the current weights, K = 1: with ``newton``, one Newton-Schulz step
+        X (2 I - W X) (two GEMMs; it squares ||I - W X||) if the corrections still contract
+        fast (measured rate rho < 1/2); else a fresh inverse."""
+        xp = get_xp(W)
+        if newton and self.X is not None and self.rho is not None and self.rho < 0.5 and self.X.shape == W.shape:
+            T = -(W @ self.X)                                        # -W X
+            T[..., xp.arange(T.shape[-1]), xp.arange(T.shape[-1])] += 2   # 2 I - W X
+            self.X = self.X @ T
+        else:
+            self.X = xp.linalg.inv(W)
+        self.K, self.rho = 1, None
         self.refreshes += 1
 
     def operator(self, W) -> "_RefinedSolve":
@@ -93,8 +102,12 @@ class RefinedInverse:
         if the last met the bound (and the fewest corrections that met bound / 4 are planned
         for the next step); else the solver is strengthened: one more correction, or a fresh
         inverse."""
+        if len(rels) > 1 and rels[0] > 0:                             # how fast corrections contract
+            self.rho = max(b / a for a, b in zip(rels, rels[1:]) if a > 0)
         if rels[-1] <= bound:
-            self._planned = next((k for k, r in enumerate(rels) if r <= bound / 4), len(rels) - 1)
+            # the fewest corrections that reached bound / 4; none did: one more than now (the
+            # kept inverse only grows staler, so a residual near the bound misses it next step)
+            self._planned = next((k for k, r in enumerate(rels) if r <= bound / 4), len(rels))
             return True
         self._planned = None
         if self.K >= MAX_CORRECTIONS:
@@ -103,10 +116,13 @@ class RefinedInverse:
             self.K += 1
         return False
 
-    def settle(self) -> None:
-        """The step succeeded on every layer: use the planned number of corrections."""
+    def settle(self, W) -> None:
+        """The step succeeded on every layer: use the planned number of corrections (past
+        ``MAX_CORRECTIONS``, a fresh inverse of the weights instead)."""
         if self._planned is not None:
             self.K, self._planned = self._planned, None
+            if self.K > MAX_CORRECTIONS:                  # planned, not forced: Newton-Schulz will do
+                self.refresh(W, newton=True)
 
     def state_dict(self, prefix: str) -> dict:
         from .backend import to_numpy

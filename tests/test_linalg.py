@@ -26,7 +26,7 @@ def refined_solve(state, W, B):
         x = op.right_solve(B)
         b2, *r2 = [float(v) for v in op.sq]
         if state.check([np.sqrt(v / b2) for v in r2], bound, W):
-            state.settle()
+            state.settle(W)
             return x
     raise AssertionError("no convergence")
 

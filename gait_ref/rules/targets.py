@@ -149,7 +149,7 @@ class TargetRule:
             if all(ok):
                 self.stats["steps"] += 1
                 for l in layers:
-                    self.refined[l].settle()
+                    self.refined[l].settle(self.net.layers[l].params["W"])
                 info["solve_residual"] = {self.net.layers[l].name: rels[l][-1] for l in layers}
                 return grads, info
         rel = {l: r[-1] for l, r in rels.items()}
