@@ -211,8 +211,10 @@ def bench_efficiency(xp, quick):
 def bench_float32(xp, quick):
     print("\n## 4. float32 GP (difference form) against float64: |angle32 - angle64| per layer")
     steps = 10 if quick else 100
-    for name, (_, batch, qbatch) in NETS.items():
-        b = qbatch if quick else batch
+    cases = [(name, qbatch if quick else batch, steps) for name, (_, batch, qbatch) in NETS.items()]
+    # a case with a unit at the leaky-ReLU kink (docs/BENCHMARKS.md, "float32 at the kink")
+    cases.append(("conv7-64px", 16, 10))
+    for name, b, steps in cases:
         s64 = Setup(name, "gait", xp, np.float64, b)
         for when in ("init", f"after {steps} steps"):
             if when != "init":
