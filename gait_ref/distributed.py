@@ -199,20 +199,15 @@ class MPIComm:
             self.world.Barrier()
 
     # ---- failure handling -----------------------------------------------------------------------------------
+    @contextlib.contextmanager
     def waiting(self, what: str, timeout: bool = True):
         """A context in which this rank waits on its peers (watched unless ``timeout`` is False)."""
-        comm = self
-
-        class _Waiting:
-            def __enter__(self):
-                if timeout:
-                    comm._wait_what, comm._wait_since = what, time.monotonic()
-                return self
-
-            def __exit__(self, *exc):
-                comm._wait_since = None
-                return False
-        return _Waiting()
+        if timeout:
+            self._wait_what, self._wait_since = what, time.monotonic()
+        try:
+            yield
+        finally:
+            self._wait_since = None
 
     def heartbeat(self, step: int) -> None:
         self._step = step

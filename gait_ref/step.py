@@ -94,10 +94,8 @@ class TrainStep:
                 grads, info = self.rule.compute(tr, gy, labels=y, batch=batch)
             if train_feedback and not self.rule.feedback_first:    # DTP/SDTP: targets, then inverses
                 fb_loss = self.rule.feedback_step(tr, rng, batch)
-        elif hasattr(self.rule, "refined"):                          # target rules: exact inverses
-            grads, info = self.rule.compute(tr, gy, batch=batch)
         else:
-            grads, info = self.rule.compute(tr, gy)
+            grads, info = self.rule.compute(tr, gy, labels=y, batch=batch)
 
         # ---- one sum over processes ---------------------------------------------------------------
         dtype = tr.output.dtype

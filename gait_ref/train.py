@@ -120,7 +120,8 @@ class Trainer:
             self.opt = Adam(lr=cfg.lr, beta1=cfg.adam_beta1, beta2=cfg.adam_beta2, eps=cfg.adam_eps,
                             eps_placement=cfg.adam_eps_placement)
         self.step_fn = TrainStep(self.net, self.loss, self.rule, self.opt, ortho_lambda=cfg.ortho_lambda,
-                                 ortho_form=cfg.ortho_form, ortho_every=cfg.ortho_every, schedule=cfg.schedule, seed=cfg.seed, comm=comm)
+                                 ortho_form=cfg.ortho_form, ortho_every=cfg.ortho_every, schedule=cfg.schedule,
+                                 seed=cfg.seed, comm=comm)
         self.step, self.epoch, self.batch = 0, 0, 0
         self.pending_eval = False          # a checkpoint saved at an epoch's end, before its evaluation
         self.saved_once = False
@@ -148,9 +149,8 @@ class Trainer:
         return self.wall_before + time.perf_counter() - self.t_start
 
     def _meta(self):
-        acc = self._acc_host()
-        self.acc.update(loss=None, correct=None, time=acc["time"], wall=acc["wall"], t0=time.perf_counter())
-        self.acc["loss"], self.acc["correct"] = self._dev_scalar(acc["loss"]), self._dev_scalar(acc["correct"])
+        acc = self._acc_host()                  # reads the timer's total: keep it in the accumulators
+        self.acc.update(time=acc["time"], wall=acc["wall"], t0=time.perf_counter())
         return {"step": self.step, "epoch": self.epoch, "batch": self.batch, "acc": acc,
                 "pending_eval": self.pending_eval, "best_val": self.best_val, "wall_time_s": self.wall_time(),
                 "config": self.cfg.to_dict()}
@@ -244,7 +244,7 @@ class Trainer:
     def _verify_data(self):
         """Verify every shard this run will read before the first step (cached)."""
         from .data.packaged import cache_dir
-        for name, data in (("train", self.train_set), ("eval", self.eval_set)):
+        for data in (self.train_set, self.eval_set):                            # (the val set is in train's)
             while hasattr(data, "data") and not hasattr(data, "verify"):        # subsets: the set underneath
                 data = data.data
             if hasattr(data, "verify"):

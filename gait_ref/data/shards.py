@@ -194,7 +194,8 @@ class ShardSet:
         if f["images"].shape != (e["count"], H, W, C) or f["labels"].shape != (e["count"],) \
                 or f["images"].dtype != np.uint8:
             raise DataFormatError(f"shard {path}: images {f['images'].dtype} {f['images'].shape}, labels "
-                                  f"{f['labels'].shape}; expected uint8 ({e['count']}, {H}, {W}, {C}) and ({e['count']},)")
+                                  f"{f['labels'].shape}; expected uint8 ({e['count']}, {H}, {W}, {C}) "
+                                  f"and ({e['count']},)")
 
     def _open(self, i: int):
         if i in self._files:

@@ -2,7 +2,10 @@
 weight and bias update on BP's scale (a gradient to descend), from explicit maths:
 
     rule = make_rule(name, net, **options)
-    grads, info = rule.compute(trace, dL_dyL)
+    grads, info = rule.compute(trace, dL_dyL, labels=None, batch=None)
+
+``labels`` (SDTP's and L-DRL's targets) and ``batch`` (a ``BatchSlice``: this process's rows
+of a global batch) are optional for every rule; rules that need neither ignore them.
 
 Rules: bp, fa, dfa, tp, itp, gait-vanilla, gait (normalized GAIT-prop); and with learned
 feedback: dtp, sdtp, ldrl (dense, conv, conv-pool and locally connected layers).

@@ -9,6 +9,7 @@ class BP:
     def __init__(self, net):
         self.net = net
 
-    def compute(self, tr, gy):
-        """gy = dL/dy_L -> (per-layer {'W', 'b'} gradients, info)."""
+    def compute(self, tr, gy, labels=None, batch=None):
+        """gy = dL/dy_L -> (per-layer {'W', 'b'} gradients, info). Per-sample sums: neither the
+        labels nor the split of the batch over processes changes anything here."""
         return self.net.backward(tr, gy), {}

@@ -38,7 +38,8 @@ class FA:
         # B_l for l >= 1 (layer 0 sends no error further down)
         self.B = draw_feedback(net, [None] + [l.weight_shape for l in net.layers[1:]], seed, init)
 
-    def compute(self, tr, gy):
+    def compute(self, tr, gy, labels=None, batch=None):
+        """Per-layer updates (labels and batch split unused: sums over samples)."""
         net = self.net
         grads = [None] * len(net)
         delta = gy * net.activations[-1].deriv(tr.hs[-1])
@@ -61,7 +62,8 @@ class DFA:
         self.B = draw_feedback(net, [(n_out, math.prod(l.out_shape)) for l in net.layers[:-1]] + [None],
                                seed, init)
 
-    def compute(self, tr, gy):
+    def compute(self, tr, gy, labels=None, batch=None):
+        """Per-layer updates (labels and batch split unused: sums over samples)."""
         net = self.net
         L = len(net)
         e = gy * net.activations[-1].deriv(tr.hs[-1])                # (N, O_L)

@@ -114,7 +114,7 @@ class TargetRule:
         return g * fp * fp if self.mode == "gait" else g
 
     # ---- the recursion -----------------------------------------------------------------------
-    def compute(self, tr, gy, batch: BatchSlice | None = None):
+    def compute(self, tr, gy, labels=None, batch: BatchSlice | None = None):
         """Per-layer updates on BP's scale, and info (mean target distance per layer, as 0-d
         device arrays).
 
