@@ -147,12 +147,12 @@ def test_backend_smoke_test_names_the_missing_library(monkeypatch):
 
     from gait_ref import backend
 
-    def broken_linalg(xp):
+    def broken_solve(a, b):
         raise ImportError('Failure finding "libcublasLt.so.13 or libcublasLt.so.12": No such file:\n libcublasLt.so.12')
 
     fake = types.SimpleNamespace(**{k: getattr(em, k) for k in ("ones", "eye", "tanh", "arange", "random",
                                                                 "float32", "float64")})
-    monkeypatch.setattr(backend, "scipy_linalg", broken_linalg)
+    fake.linalg = types.SimpleNamespace(solve=broken_solve)
     with pytest.raises(BackendError) as e:
         smoke_test(fake)
     msg = str(e.value)
