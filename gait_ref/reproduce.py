@@ -1,7 +1,7 @@
 """Regenerate the results tables of docs/RESULTS.md.
 
     python -m gait_ref.reproduce run neurips|depth|imagenet20 [--quick] [--jobs 2] [--root runs]
-    python -m gait_ref.reproduce report [--root runs] [--docs docs]
+    python -m gait_ref.reproduce report [--root runs] [--docs docs] [--table bartunov ...]
 
 ``run`` trains every run of a table through run.py (one subprocess per run, resumed
 if it was interrupted, skipped if finished); ``report`` reads the runs' metrics.jsonl
@@ -233,11 +233,13 @@ def summarize(out: Path) -> dict | None:
 @click.option("--root", default="runs", show_default=True, type=click.Path())
 @click.option("--docs", default="docs", show_default=True, type=click.Path())
 @click.option("--quick", is_flag=True)
-def report(root, docs, quick):
+@click.option("--table", "tables", multiple=True, type=click.Choice(TABLES),
+              help="Only these tables (repeatable; default: every table with runs under ROOT).")
+def report(root, docs, quick, tables):
     """Print each table's markdown and write figures into DOCS/figures."""
     from .plot import plot_runs
     root = Path(root) / ("quick" if quick else "")
-    for table in TABLES:
+    for table in tables or TABLES:
         runs = table_runs(table, quick, root)
         rows = []
         for name, args in runs.items():
