@@ -233,6 +233,39 @@ def summarize(out: Path) -> dict | None:
     return s
 
 
+def seed_summaries(table_dir: Path, runs: dict) -> list[str]:
+    """Mean and standard deviation (n - 1) over the seeds of each run that has seed
+    twins (``name``, ``name-seed1``, ...), from finished runs only: test error at the best
+    validation epoch where the run early-stops, final test top-1 otherwise."""
+    import re
+    import statistics
+    groups: dict[str, list] = {}
+    for name, args in runs.items():
+        base = re.sub(r"-seed\d+$", "", name)
+        groups.setdefault(base, []).append((name, args))
+    lines = []
+    for base, members in groups.items():
+        if len(members) < 2:
+            continue
+        values, names = [], []
+        for name, args in members:
+            s = summarize(table_dir / name)
+            if s is None or not (s["stopped_early"] or finished(table_dir / name, args)):
+                continue
+            names.append(name)
+            values.append(100 * (1 - s["test_top1_at_best_val"]) if s["val_top1"] is not None
+                          else 100 * s["test_top1"])
+        if len(values) < 2:
+            lines.append(f"- {base}: {len(values)} of {len(members)} seeds finished, no mean yet")
+            continue
+        what = "test error % at best val epoch" if summarize(table_dir / names[0])["val_top1"] is not None \
+            else "final test top-1 %"
+        lines.append(f"- {base}, {what} over {len(values)} seeds ({', '.join(names)}): "
+                     f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+                     + ("" if len(values) == len(members) else f" ({len(members) - len(values)} unfinished)"))
+    return ([""] + lines) if lines else []
+
+
 @cli.command()
 @click.option("--root", default="runs", show_default=True, type=click.Path())
 @click.option("--docs", default="docs", show_default=True, type=click.Path())
@@ -278,6 +311,8 @@ def report(root, docs, quick, tables):
             click.echo("|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             click.echo(r)
+        for line in seed_summaries(root / table, runs):
+            click.echo(line)
         done = [root / table / n for n in runs if (root / table / n / "metrics.jsonl").exists()]
         for group in sorted({n.rsplit("-", 1)[0] if not n.endswith("float64") else "mlp-deep-gait" for n in runs}):
             members = [d for d in done if d.name.startswith(group)]

@@ -34,3 +34,31 @@ def test_quick_mode_runs_the_pipeline(tmp_path, table, only):
     assert res.exit_code == 0, res.output
     assert f"### {table}" in res.output and "python run.py" in res.output
     assert list((tmp_path / "docs" / "figures" / table).glob("*/accuracy.png"))
+
+
+def _fake_run(folder, test_top1_by_epoch, val_top1_by_epoch, early_stop):
+    import json
+    folder.mkdir(parents=True)
+    recs = []
+    for epoch, (t, v) in enumerate(zip(test_top1_by_epoch, val_top1_by_epoch), start=1):
+        recs.append({"split": "train", "epoch": epoch, "step": epoch * 10, "top1": 0.99})
+        recs.append({"split": "val", "epoch": epoch, "step": epoch * 10, "top1": v})
+        recs.append({"split": "test", "epoch": epoch, "step": epoch * 10, "top1": t})
+    if early_stop:
+        recs.append({"split": "early_stop", "epoch": len(test_top1_by_epoch)})
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (folder / "config.json").write_text(json.dumps({"config": {"dtype": "float32", "seed": 0}, "backend": "numpy"}))
+
+
+def test_seed_summary_is_the_mean_and_std_of_test_error_at_the_best_val_epoch(tmp_path):
+    from gait_ref.reproduce import seed_summaries
+    runs = table_runs("bartunov", False, tmp_path)
+    # the test error at the best validation epoch (epoch 2 for both), not the last or the best test
+    _fake_run(tmp_path / "fc-bp", [0.97, 0.98, 0.99], [0.96, 0.99, 0.98], early_stop=True)
+    _fake_run(tmp_path / "fc-bp-seed1", [0.95, 0.96, 0.99], [0.90, 0.97, 0.95], early_stop=True)
+    _fake_run(tmp_path / "fc-bp-seed2", [0.97], [0.97], early_stop=False)       # unfinished: left out
+    _fake_run(tmp_path / "fc-dtp", [0.97], [0.97], early_stop=True)
+    lines = seed_summaries(tmp_path, runs)
+    bp = next(l for l in lines if l.startswith("- fc-bp,"))
+    assert "over 2 seeds (fc-bp, fc-bp-seed1): 3.00 ± 1.41 (1 unfinished)" in bp      # errors 2 and 4
+    assert "- fc-dtp: 1 of 3 seeds finished, no mean yet" in lines
