@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -239,7 +240,6 @@ def seed_summaries(table_dir: Path, runs: dict) -> list[str]:
     """Mean and standard deviation (n - 1) over the seeds of each run that has seed
     twins (``name``, ``name-seed1``, ...), from finished runs only: test error at the best
     validation epoch where the run early-stops, final test top-1 otherwise."""
-    import re
     import statistics
     groups: dict[str, list] = {}
     for name, args in runs.items():
@@ -316,7 +316,8 @@ def report(root, docs, quick, tables):
         for line in seed_summaries(root / table, runs):
             click.echo(line)
         done = [root / table / n for n in runs if (root / table / n / "metrics.jsonl").exists()]
-        for group in sorted({n.rsplit("-", 1)[0] if not n.endswith("float64") else "mlp-deep-gait" for n in runs}):
+        for group in sorted({re.sub(r"-(seed\d+|lr[0-9.e-]+)$", "", n).rsplit("-", 1)[0]
+                             if not n.endswith("float64") else "mlp-deep-gait" for n in runs}):
             members = [d for d in done if d.name.startswith(group)]
             if members:
                 plot_runs(members, Path(docs) / "figures" / table / group, [d.name for d in members])
