@@ -65,8 +65,8 @@ _LIBRARIES = (("cuBLAS", r"cublas"), ("cuSOLVER", r"cusolver"), ("NVRTC", r"nvrt
 
 def smoke_test(xp) -> None:
     """Run one of each kind of device work gait_ref needs, forcing execution: a GEMM
-    (cuBLAS), an LU solve (cuSOLVER, as the square-layer inverses use it), an elementwise kernel (compiled
-    by NVRTC) and an RNG draw (cuRAND). Raises BackendError with one line naming the
+    (cuBLAS), an LU solve (cuSOLVER, as the square-layer inverses use it), an elementwise
+    kernel (compiled by NVRTC) and an RNG draw (cuRAND). Raises BackendError with one line naming the
     library that failed and how to install it."""
     stages = (
         ("a GEMM", "cuBLAS", lambda: xp.ones((8, 8), dtype=xp.float32) @ xp.ones((8, 4), dtype=xp.float32)),

@@ -87,14 +87,14 @@ def table_runs(table: str, quick: bool, root: Path) -> dict:
             runs[f"conv7-{rule}"] = ["--task", "imagenet", "--data", shards, "--rule", rule, "--batch-size", 10,
                                      "--epochs", IMAGENET20_EPOCHS, "--angles-every", 4, "--lr", 1e-3]
     elif table == "bartunov":
+        def fc(rule, seed):
+            return ["--task", "mnist", "--arch", "bartunov-mlp", "--rule", rule, "--val-holdout", 10000,
+                    "--patience", 10, "--epochs", 100, "--seed", seed]
         for rule in ("bp", "fa", "dtp", "sdtp", "ldrl"):
             for seed in ((0, 1, 2) if rule in ("bp", "dtp") else (0,)):
-                runs[f"fc-{rule}" + (f"-seed{seed}" if seed else "")] = [
-                    "--task", "mnist", "--arch", "bartunov-mlp", "--rule", rule, "--val-holdout", 10000,
-                    "--patience", 10, "--epochs", 100, "--seed", seed]
+                runs[f"fc-{rule}" + (f"-seed{seed}" if seed else "")] = fc(rule, seed)
         for rule in ("dtp", "sdtp"):           # the top of the paper's search range for the model's Adam lr
-            runs[f"fc-{rule}-lr3e-4"] = ["--task", "mnist", "--arch", "bartunov-mlp", "--rule", rule, "--val-holdout",
-                                         10000, "--patience", 10, "--epochs", 100, "--seed", 0, "--lr", 3e-4]
+            runs[f"fc-{rule}-lr3e-4"] = fc(rule, 0) + ["--lr", 3e-4]
     elif table == "fmnist-gap":
         base = ["--task", "fashion-mnist", "--arch", "mlp-shallow", "--epochs", 20, "--angles-every", 200]
         runs["bp"] = base + ["--rule", "bp"]
@@ -236,11 +236,14 @@ def summarize(out: Path) -> dict | None:
     return s
 
 
-def seed_summaries(table_dir: Path, runs: dict) -> list[str]:
+def seed_summaries(table_dir: Path, runs: dict, summaries: dict | None = None) -> list[str]:
     """Mean and standard deviation (n - 1) over the seeds of each run that has seed
     twins (``name``, ``name-seed1``, ...), from finished runs only: test error at the best
-    validation epoch where the run early-stops, final test top-1 otherwise."""
+    validation epoch where the run early-stops, final test top-1 otherwise. ``summaries``
+    ({name: summarize(...)}) saves reading the metrics again when the caller has them."""
     import statistics
+    if summaries is None:
+        summaries = {name: summarize(table_dir / name) for name in runs}
     groups: dict[str, list] = {}
     for name, args in runs.items():
         base = re.sub(r"-seed\d+$", "", name)
@@ -249,19 +252,18 @@ def seed_summaries(table_dir: Path, runs: dict) -> list[str]:
     for base, members in groups.items():
         if len(members) < 2:
             continue
-        values, names = [], []
+        values, names, early_stopping = [], [], False
         for name, args in members:
-            s = summarize(table_dir / name)
+            s = summaries[name]
             if s is None or not (s["stopped_early"] or finished(table_dir / name, args)):
                 continue
             names.append(name)
-            values.append(100 * (1 - s["test_top1_at_best_val"]) if s["val_top1"] is not None
-                          else 100 * s["test_top1"])
+            early_stopping = s["val_top1"] is not None
+            values.append(100 * (1 - s["test_top1_at_best_val"]) if early_stopping else 100 * s["test_top1"])
         if len(values) < 2:
             lines.append(f"- {base}: {len(values)} of {len(members)} seeds finished, no mean yet")
             continue
-        what = "test error % at best val epoch" if summarize(table_dir / names[0])["val_top1"] is not None \
-            else "final test top-1 %"
+        what = "test error % at best val epoch" if early_stopping else "final test top-1 %"
         lines.append(f"- {base}, {what} over {len(values)} seeds ({', '.join(names)}): "
                      f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
                      + ("" if len(values) == len(members) else f" ({len(members) - len(values)} unfinished)"))
@@ -281,8 +283,9 @@ def report(root, docs, quick, tables):
     for table in tables or TABLES:
         runs = table_runs(table, quick, root)
         rows = []
+        summaries = {name: summarize(root / table / name) for name in runs}
         for name, args in runs.items():
-            s = summarize(root / table / name)
+            s = summaries[name]
             if s is None:
                 continue
             cmd = "python run.py " + " ".join(map(str, args))
@@ -313,7 +316,7 @@ def report(root, docs, quick, tables):
             click.echo("|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             click.echo(r)
-        for line in seed_summaries(root / table, runs):
+        for line in seed_summaries(root / table, runs, summaries):
             click.echo(line)
         done = [root / table / n for n in runs if (root / table / n / "metrics.jsonl").exists()]
         for group in sorted({re.sub(r"-(seed\d+|lr[0-9.e-]+)$", "", n).rsplit("-", 1)[0]
