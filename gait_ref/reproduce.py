@@ -22,11 +22,13 @@ Tables
               DTP, SDTP (parallel schedule) and L-DRL, with the last 10,000 training images held
               out for validation, early stopping on validation (patience 10, at most 100 epochs),
               test error at the best validation epoch; BP and DTP also with seeds 1 and 2; DTP and
-              SDTP also at lr 3e-4, the top of the paper's search range (the presets use 1e-4).
+              SDTP also at lr 3e-4, the top of the paper's search range (the presets use 1e-4); SDTP
+              also with the inverse's lr at 3e-4 and with its noise sigma at 0.01 and 0.3.
   fmnist-gap  why GAIT-prop trails BP on Fashion-MNIST: the shallow MLP for 20 epochs, BP on the
               ordinary net and on GP's square net with GP's regulariser (lambda 100) and without
               it (the auxiliary units alone), GP with
-              lambda 100 (the paper), 10, 1, 0, and lambda 100 applied lazily (--ortho-every 4).
+              lambda 100 (the paper), 10, 1, 0, and lambda 100 applied lazily (--ortho-every 4); BP,
+              BP with the regulariser and GP (lambda 100) also with seeds 1 and 2.
   neurips-depth  NeurIPS Fig. 2A: MNIST MLPs of 1-4 hidden layers of 784, BP / TP / GP (vanilla),
               10 epochs; and the linear network for 30 epochs.
   vgg         L-DRL with conv-pool feedback on MNIST (vgg-8-16): BP, FA, DTP, SDTP, L-DRL, 5 epochs
@@ -95,6 +97,11 @@ def table_runs(table: str, quick: bool, root: Path) -> dict:
                 runs[f"fc-{rule}" + (f"-seed{seed}" if seed else "")] = fc(rule, seed)
         for rule in ("dtp", "sdtp"):           # the top of the paper's search range for the model's Adam lr
             runs[f"fc-{rule}-lr3e-4"] = fc(rule, 0) + ["--lr", 3e-4]
+        # SDTP's controls, inside the paper's search ranges: the inverse's Adam lr at the top
+        # (with the model's), and the inverse-training noise at both ends of [0.01, 0.3]
+        runs["fc-sdtp-fblr3e-4"] = fc("sdtp", 0) + ["--lr", 3e-4, "--feedback-lr", 3e-4]
+        for sigma in (0.01, 0.3):
+            runs[f"fc-sdtp-sigma{sigma}"] = fc("sdtp", 0) + ["--dtp-sigma", sigma]
     elif table == "fmnist-gap":
         base = ["--task", "fashion-mnist", "--arch", "mlp-shallow", "--epochs", 20, "--angles-every", 200]
         runs["bp"] = base + ["--rule", "bp"]
@@ -103,6 +110,9 @@ def table_runs(table: str, quick: bool, root: Path) -> dict:
         for lam in (100, 10, 1, 0):
             runs[f"gait-ortho{lam}"] = base + ["--rule", "gait", "--ortho-lambda", lam]
         runs["gait-ortho100-every4"] = base + ["--rule", "gait", "--ortho-lambda", 100, "--ortho-every", 4]
+        for name in ("bp", "bp-square-ortho100", "gait-ortho100"):     # the headline comparison, seeds 1 and 2
+            for seed in (1, 2):
+                runs[f"{name}-seed{seed}"] = runs[name] + ["--seed", seed]
     elif table == "neurips-depth":
         for depth in (1, 2, 3, 4):
             for rule in ("bp", "tp", "gait-vanilla"):
@@ -319,7 +329,7 @@ def report(root, docs, quick, tables):
         for line in seed_summaries(root / table, runs, summaries):
             click.echo(line)
         done = [root / table / n for n in runs if (root / table / n / "metrics.jsonl").exists()]
-        for group in sorted({re.sub(r"-(seed\d+|lr[0-9.e-]+)$", "", n).rsplit("-", 1)[0]
+        for group in sorted({re.sub(r"-(seed\d+|(fb)?lr[0-9.e-]+|sigma[0-9.]+)$", "", n).rsplit("-", 1)[0]
                              if not n.endswith("float64") else "mlp-deep-gait" for n in runs}):
             members = [d for d in done if d.name.startswith(group)]
             if members:
