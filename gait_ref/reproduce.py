@@ -90,9 +90,9 @@ def table_runs(table: str, quick: bool, root: Path) -> dict:
             runs[f"conv7-{rule}"] = ["--task", "imagenet", "--data", shards, "--rule", rule, "--batch-size", 10,
                                      "--epochs", IMAGENET20_EPOCHS, "--angles-every", 4, "--lr", 1e-3]
     elif table == "bartunov":
-        def fc(rule, seed):
+        def fc(rule, seed, patience=10, epochs=100):
             return ["--task", "mnist", "--arch", "bartunov-mlp", "--rule", rule, "--val-holdout", 10000,
-                    "--patience", 10, "--epochs", 100, "--seed", seed]
+                    "--patience", patience, "--epochs", epochs, "--seed", seed]
         for rule in ("bp", "fa", "dtp", "sdtp", "ldrl"):
             for seed in ((0, 1, 2) if rule in ("bp", "dtp") else (0,)):
                 runs[f"fc-{rule}" + (f"-seed{seed}" if seed else "")] = fc(rule, seed)
@@ -106,9 +106,7 @@ def table_runs(table: str, quick: bool, root: Path) -> dict:
         # the paper's alternating rows: inverses and forward weights in alternate epochs, so
         # twice the epochs and twice the patience (half the epochs leave the forward net as it was)
         for rule in ("dtp", "sdtp"):
-            args = fc(rule, 0)
-            args[args.index("--patience") + 1], args[args.index("--epochs") + 1] = 20, 200
-            runs[f"fc-{rule}-alternating"] = args + ["--schedule", "alternating"]
+            runs[f"fc-{rule}-alternating"] = fc(rule, 0, patience=20, epochs=200) + ["--schedule", "alternating"]
     elif table == "fmnist-gap":
         base = ["--task", "fashion-mnist", "--arch", "mlp-shallow", "--epochs", 20, "--angles-every", 200]
         runs["bp"] = base + ["--rule", "bp"]
@@ -162,20 +160,29 @@ def prepare_imagenet20(root: Path, quiet: bool) -> None:
     pack_tree(base / "tree", base / "shards", size=64, shard_size=8, workers=1, quiet=quiet)
 
 
+def _complete(stopped_early: bool, epoch: int, step: int, args) -> bool:
+    """A run with arguments ``args`` whose last test record is at (epoch, step) is done."""
+    if stopped_early:
+        return True
+    a = [str(x) for x in args]
+    if "--max-steps" in a:
+        return step >= int(a[a.index("--max-steps") + 1])
+    return epoch >= int(a[a.index("--epochs") + 1])
+
+
 def finished(out: Path, args) -> bool:
     path = out / "metrics.jsonl"
     if not path.exists():
         return False
     recs = [json.loads(l) for l in path.read_text().splitlines()]
-    if any(r["split"] == "early_stop" for r in recs):
-        return True
     tests = [r for r in recs if r["split"] == "test"]
-    if not tests:
-        return False
-    a = [str(x) for x in args]
-    if "--max-steps" in a:
-        return tests[-1]["step"] >= int(a[a.index("--max-steps") + 1])
-    return tests[-1]["epoch"] >= int(a[a.index("--epochs") + 1])
+    stopped = any(r["split"] == "early_stop" for r in recs)
+    return stopped or bool(tests) and _complete(False, tests[-1]["epoch"], tests[-1]["step"], args)
+
+
+def summary_finished(s: dict, args) -> bool:
+    """``finished`` from a run's ``summarize`` record (no second read of its metrics)."""
+    return _complete(s["stopped_early"], s["epochs"], s["steps"], args)
 
 
 def run_one(name, args, out: Path, threads: int, quiet: bool):
@@ -272,7 +279,7 @@ def seed_summaries(table_dir: Path, runs: dict, summaries: dict | None = None) -
         values, names, early_stopping = [], [], False
         for name, args in members:
             s = summaries[name]
-            if s is None or not (s["stopped_early"] or finished(table_dir / name, args)):
+            if s is None or not summary_finished(s, args):
                 continue
             names.append(name)
             early_stopping = s["val_top1"] is not None
@@ -310,13 +317,13 @@ def report(root, docs, quick, tables):
             if "angles_mean_late" in s:
                 angles = ", ".join(f"{k} {v:.3g}" for k, v in s["angles_mean_late"].items())
             if s["val_top1"] is not None:            # early-stopping tables: errors, as the paper
-                state = "stopped early" if s["stopped_early"] else ("finished" if finished(root / table / name, args)
+                state = "stopped early" if s["stopped_early"] else ("finished" if summary_finished(s, args)
                                                                   else "UNFINISHED")
                 rows.append(f"| {name} | {100 * (1 - s['test_top1_at_best_val']):.2f} | {s['best_val_epoch']} | "
                             f"{100 * (1 - s['val_top1']):.2f} | {100 * (1 - s['train_top1']):.2f} | {s['epochs']} "
                             f"({state}) | {s['wall_time_s'] / 60:.1f} | `{cmd}` |")
                 continue
-            state = "" if finished(root / table / name, args) else " (UNFINISHED)"
+            state = "" if summary_finished(s, args) else " (UNFINISHED)"
             rows.append(f"| {name}{state} | {100 * s['test_top1']:.2f} | {100 * s['best_test_top1']:.2f} | "
                         f"{100 * s['train_top1']:.2f} | {s['epochs']} | {s['wall_time_s'] / 60:.1f} | "
                         f"{s['dtype']} | {angles} | `{cmd}` |")
