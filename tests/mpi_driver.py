@@ -10,13 +10,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gait_ref.config import Config  # noqa: E402
 from gait_ref.distributed import MPIComm  # noqa: E402
 from gait_ref.train import Trainer  # noqa: E402
-from tests.test_distributed import CASES, case_config  # noqa: E402
+from tests.test_distributed import CASES, FLOAT32_CASES, case_config, float32_config  # noqa: E402
 
 
 def main(out, shards, backend="numpy"):
     comm = MPIComm(timeout=120)
     for arch, rule in CASES:
         Trainer(Config(**case_config(arch, rule, shards, backend), out=str(Path(out) / f"{arch}-{rule}")), comm).run()
+    for arch, rule in FLOAT32_CASES:
+        Trainer(Config(**float32_config(arch, rule, shards, backend), out=str(Path(out) / f"{arch}-{rule}-float32")),
+                comm).run()
     comm.close()
 
 

@@ -56,7 +56,7 @@ import numpy as np
 
 from ..backend import get_xp, read_scalars
 from ..distributed import BatchSlice
-from ..linalg import RefinedInverse, SquareInverse, residual_bound, solver_for
+from ..linalg import RefinedInverse, SquareInverse, backward_errors, residual_bound, solver_for
 
 MODES = ("tp", "itp", "gait")
 MAX_ATTEMPTS = 2 + 3           # recursions per step at most: corrections added, then fresh inverses
@@ -120,7 +120,7 @@ class TargetRule:
 
         ``lu`` solver: each square layer is factorised when the recursion reaches it, so one
         factorisation is alive at a time, and nothing is read from the device. ``refine``:
-        every solve's relative residual is checked against ``residual_bound`` with one read
+        every solve's backward error is checked against ``residual_bound`` with one read
         for the whole recursion (summed over processes, so every process decides alike); if a
         layer missed it, that layer's solver is strengthened and the recursion runs again."""
         if solver_for(self.solver, gy.dtype) == "lu":
@@ -136,27 +136,26 @@ class TargetRule:
             grads, info = self._recursion(tr, gy, make_op)
             layers = sorted(ops)
             sq = read_scalars(batch.comm.allreduce_sum([v for l in layers for v in ops[l].sq]))   # one read
-            rels, pos = {}, 0
-            for l in layers:                       # ||B||^2, then ||r_k||^2 for k = 0..K
+            etas, pos = {}, 0
+            for l in layers:
                 n = len(ops[l].sq)
-                b2 = sq[pos]
-                rels[l] = [float(np.sqrt(v / b2)) if b2 else 0.0 for v in sq[pos + 1:pos + n]]
+                etas[l] = backward_errors(sq[pos:pos + n], batch.comm.size)
                 pos += n
-            ok = [self.refined[l].check(rels[l], bound, self.net.layers[l].params["W"]) for l in layers]
+            ok = [self.refined[l].check(etas[l], bound, self.net.layers[l].params["W"]) for l in layers]
             self.stats["recursions"] += 1
             self.stats["solves"] += len(layers)
-            self.stats["corrections"] += sum(len(rels[l]) - 1 for l in layers)
+            self.stats["corrections"] += sum(len(etas[l]) - 1 for l in layers)
             if all(ok):
                 self.stats["steps"] += 1
                 for l in layers:
                     self.refined[l].settle(self.net.layers[l].params["W"])
-                info["solve_residual"] = {self.net.layers[l].name: rels[l][-1] for l in layers}
+                info["solve_residual"] = {self.net.layers[l].name: etas[l][-1] for l in layers}
                 return grads, info
-        rel = {l: r[-1] for l, r in rels.items()}
-        worst = max(rel, key=rel.get)
-        raise ArithmeticError(f"layer {self.net.layers[worst].name}: the exact inverse reaches a relative residual "
-                              f"of {rel[worst]:.2e}, not the {bound:.1e} required, even from a fresh inverse (the "
-                              "layer is too ill-conditioned for this dtype; try --dtype float64)")
+        last = {l: e[-1] for l, e in etas.items()}
+        worst = max(last, key=last.get)
+        raise ArithmeticError(f"layer {self.net.layers[worst].name}: the exact inverse reaches a backward error "
+                              f"of {last[worst]:.2e}, not the {bound:.1e} required, even from a fresh inverse (the "
+                              "layer is too ill-conditioned for this dtype, about 1/eps; try --dtype float64)")
 
     # ---- checkpoints: the refinement state, so that a resumed run solves exactly as before -------
     def state_dict(self) -> dict:
