@@ -58,9 +58,10 @@ POWER_WARMUP = 10              # power-iteration steps from the random start vec
 def backward_errors(sq: list, world: int = 1) -> list:
     """A solve's ``_RefinedSolve.sq`` as read on the host (each entry summed over ``world``
     processes, which share the weights and split the rows): eta_k for k = 0..K."""
-    s2, x2, *r2 = sq
+    s2, x2, *r2 = (float(v) for v in sq)
     denom = np.sqrt(s2 / world * x2)                          # ||W||_2 ||x_K||_F
-    return [float(np.sqrt(r) / denom) if denom > 0 else 0.0 for r in r2]
+    # B = 0 solved by x = 0 is exact; anything non-finite stays NaN or inf, and fails the bound
+    return [0.0 if denom == 0 and r == 0 else float(np.sqrt(r) / denom) for r in r2]
 
 
 def residual_bound(dtype) -> float:

@@ -142,6 +142,9 @@ def test_backward_errors_over_processes():
     one = backward_errors([s2, x2a + x2b] + [a + b for a, b in zip(ra, rb)])
     two = backward_errors([2 * s2, x2a + x2b] + [a + b for a, b in zip(ra, rb)], world=2)
     assert one == two and np.allclose(one, [np.sqrt(3e-6 / 32), np.sqrt(4e-8 / 32)])
+    assert backward_errors([1.0, 0.0, 0.0]) == [0.0]                       # B = 0, x = 0: exact
+    for bad in ([1.0, np.nan, 1e-6], [1.0, np.inf, np.inf], [np.nan, 1.0, 1e-9]):
+        assert not RefinedInverse().check(backward_errors(bad), 1e-5, None)   # refused, never accepted
 
 
 def test_a_stack_of_matrices_is_refined_like_one(xp):
