@@ -23,8 +23,9 @@ threads steal the cores the other needed (a GEMM then an LU: 42 ms alternating a
   more correction (or, past ``MAX_CORRECTIONS``, a fresh inverse of its current weights)
   and the step's targets are computed again; after a step where every layer met it, each
   layer plans for next time the fewest corrections that met a quarter of the bound (a
-  margin for the weights' drift). So every solve that reaches an update is the exact solve
-  of a system within 64 eps of (B, W), and the host reads the device once per step.
+  margin for the weights' drift). So every x that reaches an update solves x W = B - r
+  exactly with ||r||_F <= 64 eps ||W||_2 ||x||_F, the bound a backward-stable solve (a
+  fresh LU) meets, and the host reads the device once per step.
 
 Why the backward error and not the relative residual ||r||_F / ||B||_F: a backward-stable
 solve leaves a relative residual of about eps x cond(W), so a bound on it cannot be met in
@@ -52,7 +53,7 @@ from .backend import get_xp
 
 SOLVERS = ("auto", "refine", "lu")
 MAX_CORRECTIONS = 3
-POWER_WARMUP = 10              # power-iteration steps from the random start vector
+POWER_WARMUP = 10              # power-iteration steps from the fixed start vector
 
 
 def backward_errors(sq: list, world: int = 1) -> list:
