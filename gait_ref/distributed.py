@@ -136,7 +136,9 @@ class MPIComm:
         self._wait_since, self._wait_what = None, ""
         self._step, self._host = 0, __import__("socket").gethostname()
         # one line per rank, even with --quiet: a launcher that kills the job names a pid
-        print(f"rank {self.rank} of {self.size}: pid {os.getpid()} on {self._host}", file=sys.stderr, flush=True)
+        # one write, so that two ranks' lines cannot interleave (print writes the newline apart)
+        sys.stderr.write(f"rank {self.rank} of {self.size}: pid {os.getpid()} on {self._host}\n")
+        sys.stderr.flush()
         import threading
         self._stop = threading.Event()
         self._watchdog = threading.Thread(target=self._watch, name=f"gait_ref-watchdog-{self.rank}", daemon=True)
