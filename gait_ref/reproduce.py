@@ -15,7 +15,7 @@ Tables
               the reducing-width network.
   depth       scaling paper: shallow and deep 1024-wide MLPs on Fashion-MNIST, BP / FA /
               vanilla GP / normalized GP, angles to BP during training, and normalized GP in
-              float64 beside float32.
+              float64 beside float32; deep BP and normalized GP also with seeds 1 and 2.
   imagenet20  the 20 real ImageNet photos of the foolbox wheel, packed by data_prep into
               64 px shards, trained by the 7-conv GP network (and BP), angles to BP.
   bartunov    Bartunov et al. 2018 Table 1, fully connected (7 x 240 tanh) on MNIST: BP, FA,
@@ -85,6 +85,9 @@ def table_runs(table: str, quick: bool, root: Path) -> dict:
         runs["mlp-deep-gait-vanilla-absolute-float64"] = [
             "--task", "fashion-mnist", "--arch", "mlp-deep", "--rule", "gait-vanilla", "--target-form", "absolute",
             "--dtype", "float64", "--epochs", FLOAT64_EPOCHS, "--angles-every", 100]
+        for name in ("mlp-deep-bp", "mlp-deep-gait"):         # the deep headline comparison, seeds 1 and 2
+            for seed in (1, 2):
+                runs[f"{name}-seed{seed}"] = runs[name] + ["--seed", seed]
     elif table == "imagenet20":
         shards = root / "imagenet20" / "shards"
         for rule in ("gait", "bp"):
