@@ -271,14 +271,40 @@ def summarize(out: Path) -> dict | None:
     return s
 
 
-def seed_summaries(table_dir: Path, runs: dict, summaries: dict | None = None) -> list[str]:
+def recorded_rows(table_md: Path) -> dict:
+    """{run name: (row, finished, figure)} from a table that ``report`` printed earlier (in
+    docs/tables/), for the runs that another machine or sitting ran: ``report`` keeps their
+    rows where their metrics are not under ROOT, so a table can be completed over several
+    sittings. ``figure`` is the row's first number (final test top-1 %, or the test error %
+    at the best validation epoch)."""
+    if not table_md.exists():
+        return {}
+    out = {}
+    for line in table_md.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.startswith("| ") or len(cells) < 3 or cells[0] == "run":
+            continue
+        try:
+            figure = float(cells[1])
+        except ValueError:
+            continue
+        name = cells[0].replace(" (UNFINISHED)", "")
+        finished = "UNFINISHED" not in line
+        out[name] = (line, finished, figure)
+    return out
+
+
+def seed_summaries(table_dir: Path, runs: dict, summaries: dict | None = None,
+                   recorded: dict | None = None) -> list[str]:
     """Mean and standard deviation (n - 1) over the seeds of each run that has seed
     twins (``name``, ``name-seed1``, ...), from finished runs only: test error at the best
     validation epoch where the run early-stops, final test top-1 otherwise. ``summaries``
-    ({name: summarize(...)}) saves reading the metrics again when the caller has them."""
+    ({name: summarize(...)}) saves reading the metrics again when the caller has them;
+    ``recorded`` (``recorded_rows``) supplies the runs whose metrics are not under ROOT."""
     import statistics
     if summaries is None:
         summaries = {name: summarize(table_dir / name) for name in runs}
+    recorded = recorded or {}
     groups: dict[str, list] = {}
     for name, args in runs.items():
         base = re.sub(r"-seed\d+$", "", name)
@@ -290,6 +316,11 @@ def seed_summaries(table_dir: Path, runs: dict, summaries: dict | None = None) -
         values, names, early_stopping = [], [], False
         for name, args in members:
             s = summaries[name]
+            if s is None and name in recorded and recorded[name][1]:
+                names.append(name + " (recorded)")
+                early_stopping = "--val-holdout" in map(str, args)
+                values.append(recorded[name][2])
+                continue
             if s is None or not summary_finished(s, args):
                 continue
             names.append(name)
@@ -312,16 +343,21 @@ def seed_summaries(table_dir: Path, runs: dict, summaries: dict | None = None) -
 @click.option("--table", "tables", multiple=True, type=click.Choice(TABLES),
               help="Only these tables (repeatable; default: every table with runs under ROOT).")
 def report(root, docs, quick, tables):
-    """Print each table's markdown and write figures into DOCS/figures."""
+    """Print each table's markdown and write figures into DOCS/figures. A run whose metrics
+    are not under ROOT keeps its row from DOCS/tables/TABLE.md, as an earlier report
+    recorded it (another machine or sitting ran it); its figures are not redrawn."""
     from .plot import plot_runs
     root = Path(root) / ("quick" if quick else "")
     for table in tables or TABLES:
         runs = table_runs(table, quick, root)
         rows = []
         summaries = {name: summarize(root / table / name) for name in runs}
+        recorded = {} if quick else recorded_rows(Path(docs) / "tables" / f"{table}.md")
         for name, args in runs.items():
             s = summaries[name]
             if s is None:
+                if name in recorded:
+                    rows.append(recorded[name][0])
                 continue
             cmd = "python run.py " + " ".join(map(str, args))
             angles = ""
@@ -351,15 +387,16 @@ def report(root, docs, quick, tables):
             click.echo("|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             click.echo(r)
-        for line in seed_summaries(root / table, runs, summaries):
+        for line in seed_summaries(root / table, runs, summaries, recorded):
             click.echo(line)
         done = [root / table / n for n in runs if (root / table / n / "metrics.jsonl").exists()]
         for group in sorted({re.sub(r"-(seed\d+|(fb)?lr[0-9.e-]+|sigma[0-9.]+)$", "", n).rsplit("-", 1)[0]
                              if not n.endswith("float64") else "mlp-deep-gait" for n in runs}):
             members = [d for d in done if d.name.startswith(group)]
-            if members:
+            kept = [n for n in recorded if n.startswith(group) and summaries.get(n) is None]
+            if members and not kept:                # a figure missing recorded runs would mislead
                 plot_runs(members, Path(docs) / "figures" / table / group, [d.name for d in members])
-        if table == "fmnist-gap" and done:         # the controls are read against each other: one figure
+        if table == "fmnist-gap" and done and not any(summaries.get(n) is None for n in recorded):         # the controls are read against each other: one figure
             plot_runs(done, Path(docs) / "figures" / table / "all", [d.name for d in done])
 
 

@@ -62,3 +62,30 @@ def test_seed_summary_is_the_mean_and_std_of_test_error_at_the_best_val_epoch(tm
     bp = next(l for l in lines if l.startswith("- fc-bp,"))
     assert "over 2 seeds (fc-bp, fc-bp-seed1): 3.00 ± 1.41 (1 unfinished)" in bp      # errors 2 and 4
     assert "- fc-dtp: 1 of 3 seeds finished, no mean yet" in lines
+
+
+def test_report_keeps_recorded_rows_of_runs_that_ran_elsewhere(tmp_path):
+    """A table completed over several sittings: rows recorded in DOCS/tables/T.md for runs
+    whose metrics are not under ROOT are kept, and their figures enter the seed means;
+    a local run is reported from its metrics, and an unfinished recorded run is left out."""
+    import json
+    docs = tmp_path / "docs"
+    (docs / "tables").mkdir(parents=True)
+    head = "| run | final test top-1 % | best test top-1 % | last train top-1 % | epochs | wall min | dtype | angles | command |"
+    recorded = ["| bp | 87.00 | 87.10 | 89.00 | 20 | 6.0 | float32 |  | `python run.py --rule bp` |",
+                "| bp-seed2 (UNFINISHED) | 80.00 | 80.00 | 81.00 | 3 | 1.0 | float32 |  | `python run.py --seed 2` |",
+                "| gait-ortho1 | 85.76 | 85.76 | 87.32 | 20 | 25.1 | float32 |  | `python run.py --rule gait` |"]
+    (docs / "tables" / "fmnist-gap.md").write_text("\n".join(["### fmnist-gap", "", head, "|---|" * 9] + recorded) + "\n")
+    local = tmp_path / "runs" / "fmnist-gap" / "bp-seed1"           # finished here: 20 epochs of 10 steps
+    local.mkdir(parents=True)
+    recs = [{"split": s, "epoch": e, "step": 10 * e, "top1": 0.89} for e in range(1, 21) for s in ("train", "test")]
+    (local / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (local / "config.json").write_text(json.dumps({"config": {"dtype": "float32", "seed": 1}, "backend": "numpy"}))
+    res = CliRunner().invoke(cli, ["report", "--root", str(tmp_path / "runs"), "--docs", str(docs),
+                                   "--table", "fmnist-gap"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    for row in recorded:
+        assert row in res.output
+    assert "| bp-seed1 | 89.00 |" in res.output
+    assert "- bp, final test top-1 % over 2 seeds (bp (recorded), bp-seed1): 88.00 ± 1.41 (1 unfinished)" in res.output
+    assert not list((docs / "figures").glob("fmnist-gap/*/accuracy.png"))   # figures without recorded runs: not drawn
