@@ -30,7 +30,8 @@ Tables
               it (the auxiliary units alone), GP with
               lambda 100 (the paper), 10, 1, 0, and lambda 100 applied lazily (--ortho-every 4); BP,
               BP with the regulariser and GP (lambda 100) also with seeds 1 and 2; and BP with the
-              regulariser on the deep MLP (its BP and GP rows are in table depth).
+              regulariser on the deep MLP, also with seeds 1 and 2 (its BP and GP rows are in table
+              depth).
   neurips-depth  NeurIPS Fig. 2A: MNIST MLPs of 1-4 hidden layers of 784, BP / TP / GP (vanilla),
               10 epochs; and the linear network for 30 epochs (GP and TP also each at the other's lr).
   vgg         L-DRL with conv-pool feedback on MNIST (vgg-8-16): BP, FA, DTP, SDTP, L-DRL, 5 epochs
@@ -122,7 +123,7 @@ def table_runs(table: str, quick: bool, root: Path) -> dict:
         # the deep MLP's gap (table depth: BP 87.7, GP 84.6): BP with GP's square net and regulariser
         runs["deep-bp-square-ortho100"] = ["--task", "fashion-mnist", "--arch", "mlp-deep", "--epochs", 20,
                                            "--angles-every", 200, "--rule", "bp", "--square-net", "--ortho-lambda", 100]
-        for name in ("bp", "bp-square-ortho100", "gait-ortho100"):     # the headline comparison, seeds 1 and 2
+        for name in ("bp", "bp-square-ortho100", "gait-ortho100", "deep-bp-square-ortho100"):   # seeds 1 and 2
             for seed in (1, 2):
                 runs[f"{name}-seed{seed}"] = runs[name] + ["--seed", seed]
     elif table == "neurips-depth":
