@@ -61,8 +61,10 @@ def backward_errors(sq: list, world: int = 1) -> list:
     processes, which share the weights and split the rows): eta_k for k = 0..K."""
     s2, x2, *r2 = (float(v) for v in sq)
     denom = np.sqrt(s2 / world * x2)                          # ||W||_2 ||x_K||_F
-    # B = 0 solved by x = 0 is exact; anything non-finite stays NaN or inf, and fails the bound
-    return [0.0 if denom == 0 and r == 0 else float(np.sqrt(r) / denom) for r in r2]
+    # B = 0 solved by x = 0 is exact; anything non-finite stays NaN or inf, and fails the
+    # bound (the caller's error names the layer, so numpy's warning would only be noise)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return [0.0 if denom == 0 and r == 0 else float(np.sqrt(r) / denom) for r in r2]
 
 
 def residual_bound(dtype) -> float:
