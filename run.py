@@ -97,6 +97,8 @@ def _read_config_file(path: str) -> dict:
               help="dtp/sdtp/ldrl: noise std for feedback training; one value or one per feedback layer.")
 @click.option("--feedback-lr", type=PerLayer(float),
               help="dtp/sdtp/ldrl: feedback learning rate; one value or one per feedback layer (g_1 first).")
+@click.option("--feedback-adam-beta2", type=float, help="dtp/sdtp: beta2 of the inverses' Adam (default 0.999).")
+@click.option("--feedback-adam-eps", type=float, help="dtp/sdtp: eps of the inverses' Adam (default 1e-8).")
 @click.option("--ldrl-beta", type=float, help="L-DRL: first target logits - beta dCE/dlogits.")
 @click.option("--ldrl-iters", type=PerLayer(int),
               help="L-DRL: feedback iterations per batch; one value or one per feedback layer.")

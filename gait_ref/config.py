@@ -103,7 +103,8 @@ def dtp_presets(arch: str, rule: str) -> dict:
     when n > 5) and of its output layer.
     """
     p = dict(dtp_alpha=0.1, dtp_sigma=0.1, ldrl_beta=0.7, ldrl_iters=5, feedback_form="bartunov",
-             feedback_lr=1e-2 if rule == "ldrl" else 1e-4)    # SGD (L-DRL) / Adam (DTP, SDTP)
+             feedback_lr=1e-2 if rule == "ldrl" else 1e-4,    # SGD (L-DRL) / Adam (DTP, SDTP)
+             feedback_adam_beta2=0.999, feedback_adam_eps=1e-8)  # the inverses' Adam (DTP, SDTP)
     if arch_family(arch) == "ernoult":
         p["feedback_form"] = "ernoult"
         if rule == "ldrl":
@@ -152,6 +153,8 @@ class Config:
     dtp_alpha: float | None = None
     dtp_sigma: float | list | None = None
     feedback_lr: float | list | None = None
+    feedback_adam_beta2: float | None = None
+    feedback_adam_eps: float | None = None
     ldrl_beta: float | None = None
     ldrl_iters: int | list | None = None
     linear: bool = False
@@ -276,6 +279,8 @@ OPTION_RULES = {
     "dtp_alpha": _positive(),
     "dtp_sigma": _at_least(0.0, float),
     "feedback_lr": _positive(),
+    "feedback_adam_beta2": _unit(),
+    "feedback_adam_eps": _positive(),
     "ldrl_beta": _positive(),
     "ldrl_iters": _at_least(1),
     "linear": (bool, lambda v: True, "true or false"),
@@ -307,9 +312,15 @@ RESULT_NEUTRAL = {"quiet", "log_every", "max_steps", "checkpoint_every", "angles
                   "comm_timeout", "distributed"}
 
 
+# Options added after checkpoints were written: a configuration without the key ran with
+# this value, so resuming it with that value is no change.
+ADDED_LATER = {"feedback_adam_beta2": 0.999, "feedback_adam_eps": 1e-8}
+
+
 def config_changes(old: dict, new: dict) -> tuple[dict, dict]:
     """(changes that alter the result, changes that do not): {option: [old, new]}."""
     result, neutral = {}, {}
+    old = {**{k: v for k, v in ADDED_LATER.items() if k not in old and old}, **old}
     for k in sorted(set(old) | set(new)):
         if k == "extra" or old.get(k) == new.get(k):
             continue

@@ -26,6 +26,11 @@ Tables
               also with the inverse's lr at 3e-4 and with its noise sigma at 0.01 and 0.3; DTP and SDTP
               with the alternating schedule (at most 200 epochs, patience 20); DTP and BP without
               early stopping (100 epochs, patience 100).
+  bartunov-search  Bartunov et al.'s random hyperparameter search for DTP and SDTP on the FC
+              network (their Table 4 ranges; ``gait_ref.hparam_search``): 60 configurations
+              per method, each screened for 12 epochs, scored by the mean validation error of
+              the last 5; then each method's best configuration trained as in table bartunov
+              (rows best-dtp, best-sdtp, which appear once their screen has finished).
   fmnist-gap  why GAIT-prop trails BP on Fashion-MNIST: the shallow MLP for 20 epochs, BP on the
               ordinary net and on GP's square net with GP's regulariser (lambda 100) and without
               it (the auxiliary units alone), GP with
@@ -56,11 +61,15 @@ NEURIPS_EPOCHS = 2   # the paper trains 100; this machine has 2 CPU cores
 DEPTH_EPOCHS = 20
 FLOAT64_EPOCHS = 3   # the float64 twin of the deep normalized-GP run, for the precision comparison
 IMAGENET20_EPOCHS = 60
-TABLES = ("neurips", "depth", "imagenet20", "bartunov", "fmnist-gap", "neurips-depth", "vgg")
+TABLES = ("neurips", "depth", "imagenet20", "bartunov", "bartunov-search", "fmnist-gap", "neurips-depth", "vgg")
+
+
+QUICK_ARGS = ["--max-steps", 6, "--eval-subset", 200, "--angles-every", 3, "--log-every", 3]
 
 
 def table_runs(table: str, quick: bool, root: Path) -> dict:
-    """{run name: run.py arguments} for one table."""
+    """{run name: run.py arguments} for one table. Rows that depend on other rows' results
+    (table bartunov-search's best configurations) appear once those rows have finished."""
     runs = {}
     if table == "neurips":
         for task in ("mnist", "fashion-mnist"):
@@ -117,6 +126,22 @@ def table_runs(table: str, quick: bool, root: Path) -> dict:
         # twice the epochs and twice the patience (half the epochs leave the forward net as it was)
         for rule in ("dtp", "sdtp"):
             runs[f"fc-{rule}-alternating"] = fc(rule, 0, patience=20, epochs=200) + ["--schedule", "alternating"]
+    elif table == "bartunov-search":
+        from .hparam_search import N_CONFIGS, SCREEN_EPOCHS, best_screened, draw_configs, screen_score
+
+        def fc(rule, epochs, patience=0):
+            return ["--task", "mnist", "--arch", "bartunov-mlp", "--rule", rule, "--val-holdout", 10000,
+                    "--epochs", epochs, "--seed", 0] + (["--patience", patience] if patience else [])
+        for rule in ("sdtp", "dtp"):       # SDTP's screen first: its gap is the unexplained one
+            screen = {f"screen-{rule}-{i:02d}": (fc(rule, SCREEN_EPOCHS), cfg)
+                      for i, cfg in enumerate(draw_configs(rule, 2 if quick else N_CONFIGS[rule]))}
+            runs.update({name: base + cfg for name, (base, cfg) in screen.items()})
+            # the best configuration to convergence, once every screen run has finished
+            done = all(finished(root / table / name, runs[name] + (QUICK_ARGS if quick else []))
+                       for name in screen)
+            best = best_screened({name: screen_score(root / table / name) for name in screen}) if done else None
+            if best is not None:
+                runs[f"best-{rule}"] = fc(rule, 100, patience=10) + screen[best][1]
     elif table == "fmnist-gap":
         base = ["--task", "fashion-mnist", "--arch", "mlp-shallow", "--epochs", 20, "--angles-every", 200]
         runs["bp"] = base + ["--rule", "bp"]
@@ -153,7 +178,7 @@ def table_runs(table: str, quick: bool, root: Path) -> dict:
         for args in runs.values():
             i = args.index("--epochs")
             args[i + 1] = 1
-            args += ["--max-steps", 6, "--eval-subset", 200, "--angles-every", 3, "--log-every", 3]
+            args += QUICK_ARGS
             if "--batch-size" not in args:
                 args += ["--batch-size", 32]
     return runs
@@ -231,20 +256,25 @@ def cli():
 @click.option("--only", help="Comma-separated run names.")
 @click.option("--quiet", is_flag=True)
 def run(table, quick, root, jobs, threads, only, quiet):
-    """Train every run of TABLE (neurips, depth, imagenet20, bartunov, fmnist-gap, neurips-depth, vgg)."""
+    """Train every run of TABLE (neurips, depth, imagenet20, bartunov, bartunov-search, fmnist-gap,
+    neurips-depth, vgg)."""
     root = Path(root) / ("quick" if quick else "")
     if table == "imagenet20":
         prepare_imagenet20(root, quiet)
-    runs = table_runs(table, quick, root)
-    if only:
-        runs = {k: v for k, v in runs.items() if k in only.split(",")}
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
-    with ThreadPoolExecutor(jobs) as pool:
-        futs = [pool.submit(run_one, n, a, root / table / n, threads, quiet) for n, a in runs.items()]
-        for f in futs:
-            name, status = f.result()
-            if not quiet:
-                print(f"{name}: {status}", flush=True)
+    started: set = set()
+    while True:                         # again while finished rows bring new ones (bartunov-search)
+        runs = table_runs(table, quick, root)
+        runs = {k: v for k, v in runs.items() if k not in started and (not only or k in only.split(","))}
+        if not runs:
+            break
+        started |= set(runs)
+        with ThreadPoolExecutor(jobs) as pool:
+            futs = [pool.submit(run_one, n, a, root / table / n, threads, quiet) for n, a in runs.items()]
+            for f in futs:
+                name, status = f.result()
+                if not quiet:
+                    print(f"{name}: {status}", flush=True)
 
 
 def summarize(out: Path) -> dict | None:
@@ -342,6 +372,28 @@ def seed_summaries(table_dir: Path, runs: dict, summaries: dict | None = None,
     return ([""] + lines) if lines else []
 
 
+def search_ranking(table_dir: Path, runs: dict, recorded: dict | None = None, top: int = 5) -> list[str]:
+    """Table bartunov-search's screen, per method: how many configurations finished, and the
+    ``top`` best by their score (mean validation error over the last epochs of the screen),
+    with their options. Runs kept as recorded (metrics elsewhere) are counted, not ranked."""
+    from .hparam_search import SCORE_EPOCHS, screen_score
+    lines = []
+    for rule in ("dtp", "sdtp"):
+        screen = {n: a for n, a in runs.items() if n.startswith(f"screen-{rule}-")}
+        if not screen:
+            continue
+        done = {n: screen_score(table_dir / n) for n, a in screen.items() if finished(table_dir / n, a)}
+        elsewhere = [n for n in screen if n not in done and n in (recorded or {}) and recorded[n][1]]
+        lines.append(f"- {rule} screen: {len(done)} of {len(screen)} configurations finished here"
+                     + (f", {len(elsewhere)} recorded from elsewhere (not ranked)" if elsewhere else "")
+                     + f"; best by mean validation error % over the last {SCORE_EPOCHS} epochs:")
+        for n in sorted(done, key=lambda n: (done[n], n))[:top]:
+            a = [str(x) for x in screen[n]]
+            opts = " ".join(a[a.index("--seed") + 2:])
+            lines.append(f"  - {n}: {done[n]:.2f} (`{opts}`)")
+    return ([""] + lines) if lines else []
+
+
 @cli.command()
 @click.option("--root", default="runs", show_default=True, type=click.Path())
 @click.option("--docs", default="docs", show_default=True, type=click.Path())
@@ -383,7 +435,7 @@ def report(root, docs, quick, tables):
         if not rows:
             continue
         click.echo(f"\n### {table}\n")
-        if table == "bartunov":
+        if table in ("bartunov", "bartunov-search"):
             click.echo("| run | test error % at best val epoch | best val epoch | val error % | last train error % "
                        "| epochs run | wall min | command |")
             click.echo("|---|---|---|---|---|---|---|---|")
@@ -395,8 +447,16 @@ def report(root, docs, quick, tables):
             click.echo(r)
         for line in seed_summaries(root / table, runs, summaries, recorded):
             click.echo(line)
+        if table == "bartunov-search":
+            for line in search_ranking(root / table, runs, recorded):
+                click.echo(line)
         done = [root / table / n for n in runs if (root / table / n / "metrics.jsonl").exists()]
         elsewhere = [n for n in runs if summaries[n] is None and n in recorded]   # rows kept as recorded
+        if table == "bartunov-search":             # one figure: the best configurations (not 90 screens)
+            best = [d for d in done if d.name.startswith("best-")]
+            if best and not any(n.startswith("best-") for n in elsewhere):
+                plot_runs(best, Path(docs) / "figures" / table / "best", [d.name for d in best])
+            continue
         for group in sorted({re.sub(r"-(seed\d+|(fb)?lr[0-9.e-]+|sigma[0-9.]+)$", "", n).rsplit("-", 1)[0]
                              if not n.endswith("float64") else "mlp-deep-gait" for n in runs}):
             members = [d for d in done if d.name.startswith(group)]

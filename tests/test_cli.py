@@ -334,6 +334,31 @@ def test_per_layer_options_and_presets():
     assert res.exit_code == 2 and "not a float or a comma-separated list" in res.output
 
 
+def test_feedback_adam_options_reach_the_inverses_optimiser():
+    """--feedback-adam-beta2/--feedback-adam-eps (Bartunov et al.'s search space) set every
+    inverse's Adam, change what it learns, and a checkpoint written before the options
+    existed resumes at their defaults without a configuration change."""
+    from gait_ref.config import Config, config_changes
+    from gait_ref.train import Trainer
+    cfg = json.loads(CliRunner().invoke(main, ["--rule", "sdtp", "--print-config"]).output)
+    assert (cfg["feedback_adam_beta2"], cfg["feedback_adam_eps"]) == (0.999, 1e-8)
+    res = CliRunner().invoke(main, ["--rule", "dtp", "--feedback-adam-beta2", "1.5", "--print-config"])
+    assert res.exit_code != 0 and "--feedback-adam-beta2 must be in [0, 1)" in res.output
+    trained = []
+    for beta2, eps in ((0.999, 1e-8), (0.99, 1e-4)):
+        t = Trainer(Config(task="synthetic", rule="sdtp", batch_size=50, max_steps=3, quiet=True,
+                           feedback_adam_beta2=beta2, feedback_adam_eps=eps).resolved())
+        opts = [o for o in t.rule.opts if o is not None]
+        assert opts and all((o.beta2, o.eps, o.beta1) == (beta2, eps, 0.9) for o in opts)
+        t.run()
+        trained.append(np.concatenate([fb.params["V"].ravel() for fb in t.rule.fb if fb is not None]))
+    assert not np.allclose(trained[0], trained[1])
+    old = {k: v for k, v in Config(rule="sdtp").resolved().to_dict().items() if not k.startswith("feedback_adam")}
+    assert config_changes(old, Config(rule="sdtp").resolved().to_dict())[0] == {}
+    changed = config_changes(old, Config(rule="sdtp", feedback_adam_eps=1e-4).resolved().to_dict())[0]
+    assert changed == {"feedback_adam_eps": [1e-8, 1e-4]}
+
+
 def test_cosine_schedule_and_sgd_resume_bit_exact(tmp_path):
     common = ["--task", "mnist", "--train-subset", 256, "--eval-subset", 100, "--rule", "ldrl", "--arch", "vgg-4-4",
               "--batch-size", 64, "--epochs", 3, "--ldrl-iters", 2, "--log-every", 2]

@@ -1,4 +1,5 @@
 """The results pipeline's --quick mode: every table's runs for a few steps, then the report."""
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -17,6 +18,10 @@ def test_tables_cover_the_issue_runs(tmp_path):
     gap = table_runs("fmnist-gap", False, tmp_path)
     assert {"bp", "bp-square-ortho100", "gait-ortho100", "gait-ortho1", "gait-ortho100-every4"} <= set(gap)
     assert set(table_runs("vgg", False, tmp_path)) == {"bp", "fa", "dtp", "sdtp", "ldrl"}
+    search = table_runs("bartunov-search", False, tmp_path)
+    assert len([n for n in search if n.startswith("screen-sdtp-")]) == 60     # the paper's 60 per method
+    assert len([n for n in search if n.startswith("screen-dtp-")]) == 60
+    assert all("--val-holdout" in a and "--feedback-adam-eps" in a for a in search.values())
 
 
 @pytest.mark.parametrize("table,only", [
@@ -24,6 +29,7 @@ def test_tables_cover_the_issue_runs(tmp_path):
     ("depth", "mlp-deep-gait,mlp-shallow-fa"),
     ("imagenet20", None),
     ("bartunov", "fc-dtp,fc-bp-seed1"),
+    ("bartunov-search", None),          # two screens per method, then each best to its end
     ("fmnist-gap", "bp-square-ortho100,gait-ortho100-every4"),
 ])
 def test_quick_mode_runs_the_pipeline(tmp_path, table, only):
@@ -89,3 +95,61 @@ def test_report_keeps_recorded_rows_of_runs_that_ran_elsewhere(tmp_path):
     assert "| bp-seed1 | 89.00 |" in res.output
     assert "- bp, final test top-1 % over 2 seeds (bp (recorded), bp-seed1): 88.00 ± 1.41 (1 unfinished)" in res.output
     assert not list((docs / "figures").glob("fmnist-gap/*/accuracy.png"))   # figures without recorded runs: not drawn
+
+
+def test_search_configs_are_drawn_from_bartunovs_table_4():
+    from gait_ref.hparam_search import SEARCH_SPACE, draw_configs
+    for rule in ("dtp", "sdtp"):
+        configs = draw_configs(rule, 40)
+        assert configs == draw_configs(rule, 40) and configs != draw_configs(rule, 40, seed=1)
+        assert draw_configs(rule, 5) == configs[:5]
+        for args in configs:
+            opts = dict(zip(args[::2], args[1::2]))
+            assert ("--dtp-alpha" in opts) == (rule == "dtp")          # SDTP's top target has no step
+            for option, kind, domain in SEARCH_SPACE:
+                if option not in opts:
+                    continue
+                v = opts[option]
+                if kind == "choice":
+                    assert v in domain, (option, v)
+                else:      # rounded to 3 significant digits: within the range up to that rounding
+                    assert domain[0] * (1 - 1e-3) <= v <= domain[1] * (1 + 1e-3), (option, v)
+        lrs = np.log10([dict(zip(a[::2], a[1::2]))["--lr"] for a in configs])
+        assert lrs.min() < -4.3 and lrs.max() > -3.9       # log-uniform over [1e-5, 3e-4]: both decades drawn
+    assert draw_configs("dtp", 3)[0][1] != draw_configs("sdtp", 3)[0][1]   # a stream per method
+
+
+def test_search_trains_the_best_screened_configuration_once_the_screen_is_done(tmp_path, monkeypatch):
+    """The best-<rule> row appears only when every screen run of that rule has finished, and
+    carries the configuration whose mean validation error over the last 5 epochs is lowest
+    (not the one with the best single epoch or the best test error)."""
+    from gait_ref import hparam_search
+    from gait_ref.reproduce import search_ranking
+    monkeypatch.setitem(hparam_search.N_CONFIGS, "sdtp", 3)
+    monkeypatch.setitem(hparam_search.N_CONFIGS, "dtp", 2)
+    runs = table_runs("bartunov-search", False, tmp_path)
+    assert sorted(runs) == ["screen-dtp-00", "screen-dtp-01", "screen-sdtp-00", "screen-sdtp-01", "screen-sdtp-02"]
+    d = tmp_path / "bartunov-search"
+    e = hparam_search.SCREEN_EPOCHS
+    # sdtp-00: one excellent epoch, worse on average; sdtp-01: the best mean of the last 5
+    _fake_run(d / "screen-sdtp-00", [0.99] * e, [0.90] * (e - 1) + [0.999], early_stop=False)
+    _fake_run(d / "screen-sdtp-01", [0.90] * e, [0.97] * e, early_stop=False)
+    _fake_run(d / "screen-sdtp-02", [0.99] * (e - 1), [0.98] * (e - 1), early_stop=False)   # one epoch short
+    _fake_run(d / "screen-dtp-00", [0.9] * e, [0.95] * e, early_stop=False)
+    runs = table_runs("bartunov-search", False, tmp_path)
+    assert "best-sdtp" not in runs and "best-dtp" not in runs
+    assert "- sdtp screen: 2 of 3 configurations finished here" in "\n".join(search_ranking(d, runs))
+    _fake_run(d / "screen-sdtp-02-tmp", [0.99] * e, [0.96] * e, early_stop=False)
+    import shutil
+    shutil.rmtree(d / "screen-sdtp-02")
+    (d / "screen-sdtp-02-tmp").rename(d / "screen-sdtp-02")
+    runs = table_runs("bartunov-search", False, tmp_path)
+    best = runs["best-sdtp"]
+    assert best[best.index("--rule") + 1] == "sdtp" and best[best.index("--patience") + 1] == 10
+    assert best[best.index("--epochs") + 1] == 100
+    cfg = runs["screen-sdtp-01"][runs["screen-sdtp-01"].index("--seed") + 2:]      # the drawn options
+    assert cfg[0] == "--lr" and best[-len(cfg):] == cfg
+    assert "best-dtp" not in runs
+    lines = search_ranking(d, runs)
+    assert lines[lines.index("- sdtp screen: 3 of 3 configurations finished here; best by mean validation "
+                             "error % over the last 5 epochs:") + 1].startswith("  - screen-sdtp-01: 3.00 (`--lr ")

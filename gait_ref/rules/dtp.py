@@ -28,7 +28,8 @@ e ~ N(0, sigma_l^2) on the layer input, eta ~ N(0, sigma_l^2) on its output:
 A feedback layer unpools with the indices of the forward pass that produced its input's
 base point: g(f(x + e)) with those of x + e, g(f(x)) and g(f(x) + eta) with those of x.
 Every feedback layer has its own optimiser, learning rate, noise and (L-DRL) iteration
-count: Adam for DTP/SDTP (Bartunov et al.), SGD with momentum for L-DRL (Ernoult et al.).
+count: Adam for DTP/SDTP (Bartunov et al.; beta2 and eps of ``feedback_adam``, shared by
+every feedback layer), SGD with momentum for L-DRL (Ernoult et al.).
 
 Noise is drawn on the device from the generator the trainer passes in (keyed by the run
 seed and the step). A process holding rows [s, s + n) of a global batch of N rows
@@ -78,7 +79,7 @@ class DifferenceTargetProp:
 
     def __init__(self, net, mode: str = "dtp", n_classes: int = 10, seed: int = 0, alpha: float = 0.1,
                  beta: float = 0.1, sigma=0.1, inverse_loss: str = "denoising", feedback_lr=1e-4,
-                 ldrl_iters=5, feedback_momentum: float = 0.9, feedback_form: str = "bartunov",
+                 ldrl_iters=5, feedback_momentum: float = 0.9, feedback_adam=(0.999, 1e-8), feedback_form: str = "bartunov",
                  reduction: str = "mean"):
         if mode not in MODES:
             raise ValueError(f"unknown DTP mode {mode!r}; choose one of {MODES}")
@@ -114,7 +115,8 @@ class DifferenceTargetProp:
             self.fb[l] = Feedback.of(net, l, feedback_form)
             self.fb[l].init(rng, xp, dtype)
             self.opts[l] = (SGD(lr=self.lrs[i], momentum=feedback_momentum) if mode == "ldrl"
-                            else Adam(lr=self.lrs[i], eps_placement="tf"))
+                            else Adam(lr=self.lrs[i], beta2=feedback_adam[0], eps=feedback_adam[1],
+                                      eps_placement="tf"))
 
     # ---- targets and forward updates ----------------------------------------------------------
     def _fb_input(self, l, y):
