@@ -15,6 +15,8 @@ def test_tables_cover_the_issue_runs(tmp_path):
     bartunov = table_runs("bartunov", False, tmp_path)
     assert {f"fc-{r}" for r in ("bp", "fa", "dtp", "sdtp", "ldrl")} | {"fc-dtp-seed2", "fc-bp-seed1"} <= set(bartunov)
     assert all("--val-holdout" in a for a in bartunov.values())
+    assert {f"lc-{r}" for r in ("bp", "fa", "dtp", "sdtp", "ldrl")} <= set(bartunov)      # the LC network too
+    assert all(a[a.index("--arch") + 1] == "bartunov-lc" for n, a in bartunov.items() if n.startswith("lc-"))
     gap = table_runs("fmnist-gap", False, tmp_path)
     assert {"bp", "bp-square-ortho100", "gait-ortho100", "gait-ortho1", "gait-ortho100-every4"} <= set(gap)
     assert set(table_runs("vgg", False, tmp_path)) == {"bp", "fa", "dtp", "sdtp", "ldrl"}
