@@ -73,6 +73,38 @@ def plot_runs(run_dirs, out_dir, labels=None):
     return written
 
 
+def plot_search(points: dict, out_path, reference: dict | None = None,
+                options=("--lr", "--feedback-lr", "--dtp-sigma", "--dtp-alpha")):
+    """A hyperparameter search at a glance: one panel per option, each configuration's score
+    (y, log scale) against its value (x), one colour per method. ``points``: {method:
+    [({option: value}, score), ...]}; ``reference``: {method: a horizontal line, e.g. the
+    paper's figure}."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(options), figsize=(4 * len(options), 3.6), sharey=True, squeeze=False)
+    for ax, option in zip(axes[0], options):
+        for i, (method, rows) in enumerate(points.items()):
+            xy = [(o[option], score) for o, score in rows if option in o]
+            if xy:
+                ax.scatter(*zip(*xy), s=14, color=f"C{i}", label=method)
+            if reference and method in reference:
+                ax.axhline(reference[method], color=f"C{i}", ls="--", lw=1)
+        if option.endswith("lr"):
+            ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(option.lstrip("-"))
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel("screen score: validation error %")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+    return Path(out_path)
+
+
 @click.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
 @click.option("--out", "out_dir", required=True, type=click.Path(), help="Folder for the PNG files.")

@@ -376,6 +376,20 @@ def seed_summaries(table_dir: Path, runs: dict, summaries: dict | None = None,
     return ([""] + lines) if lines else []
 
 
+def search_points(table_dir: Path, runs: dict) -> dict:
+    """{method: [({option: value}, screen score), ...]} over the finished screen runs."""
+    from .hparam_search import screen_score
+    points = {}
+    for rule in ("dtp", "sdtp"):
+        points[rule] = []
+        for n, a in runs.items():
+            if n.startswith(f"screen-{rule}-") and finished(table_dir / n, a):
+                drawn = a[a.index("--seed") + 2:]
+                opts = {k: v for k, v in zip(drawn[::2], drawn[1::2]) if isinstance(v, float)}
+                points[rule].append((opts, screen_score(table_dir / n)))
+    return points
+
+
 def search_ranking(table_dir: Path, runs: dict, recorded: dict | None = None, top: int = 5) -> list[str]:
     """Table bartunov-search's screen, per method: how many configurations finished, and the
     ``top`` best by their score (mean validation error over the last epochs of the screen),
@@ -408,7 +422,7 @@ def report(root, docs, quick, tables):
     """Print each table's markdown and write figures into DOCS/figures. A run whose metrics
     are not under ROOT keeps its row from DOCS/tables/TABLE.md, as an earlier report
     recorded it (another machine or sitting ran it); its figures are not redrawn."""
-    from .plot import plot_runs
+    from .plot import plot_runs, plot_search
     root = Path(root) / ("quick" if quick else "")
     for table in tables or TABLES:
         runs = table_runs(table, quick, root)
@@ -456,10 +470,14 @@ def report(root, docs, quick, tables):
                 click.echo(line)
         done = [root / table / n for n in runs if (root / table / n / "metrics.jsonl").exists()]
         elsewhere = [n for n in runs if summaries[n] is None and n in recorded]   # rows kept as recorded
-        if table == "bartunov-search":             # one figure: the best configurations (not 90 screens)
+        if table == "bartunov-search":             # the best configurations' curves, and the screen's scores
             best = [d for d in done if d.name.startswith("best-")]
             if best and not any(n.startswith("best-") for n in elsewhere):
                 plot_runs(best, Path(docs) / "figures" / table / "best", [d.name for d in best])
+            points = search_points(root / table, runs)
+            if any(points.values()) and not any(n.startswith("screen-") for n in elsewhere):
+                # the paper's test errors (Table 1), for scale: the scores are validation errors
+                plot_search(points, Path(docs) / "figures" / table / "screen.png", {"dtp": 1.77, "sdtp": 2.03})
             continue
         for group in sorted({re.sub(r"-(seed\d+|(fb)?lr[0-9.e-]+|sigma[0-9.]+)$", "", n).rsplit("-", 1)[0]
                              if not n.endswith("float64") else "mlp-deep-gait" for n in runs}):

@@ -42,6 +42,9 @@ def test_quick_mode_runs_the_pipeline(tmp_path, table, only):
     assert res.exit_code == 0, res.output
     assert f"### {table}" in res.output and "python run.py" in res.output
     assert list((tmp_path / "docs" / "figures" / table).glob("*/accuracy.png"))
+    if table == "bartunov-search":
+        assert (tmp_path / "docs" / "figures" / table / "screen.png").stat().st_size > 0
+        assert "- sdtp screen: 2 of 2 configurations finished here" in res.output
 
 
 def _fake_run(folder, test_top1_by_epoch, val_top1_by_epoch, early_stop):
