@@ -93,6 +93,8 @@ def _read_config_file(path: str) -> dict:
 @click.option("--feedback-form", type=click.Choice(["bartunov", "ernoult"]),
               help="dtp/sdtp/ldrl: g(u) = f_below(T_V u + c) (Bartunov) or T_V f(unpool u) + c (Ernoult).")
 @click.option("--dtp-alpha", type=float, help="DTP: step size of the penultimate target.")
+@click.option("--sdtp-step", type=float, help="SDTP: top target p + s (onehot - p); 1 (default, "
+              "the paper) is the label itself, s < 1 a control.")
 @click.option("--dtp-sigma", type=PerLayer(float),
               help="dtp/sdtp/ldrl: noise std for feedback training; one value or one per feedback layer.")
 @click.option("--feedback-lr", type=PerLayer(float),

@@ -104,7 +104,8 @@ def dtp_presets(arch: str, rule: str) -> dict:
     """
     p = dict(dtp_alpha=0.1, dtp_sigma=0.1, ldrl_beta=0.7, ldrl_iters=5, feedback_form="bartunov",
              feedback_lr=1e-2 if rule == "ldrl" else 1e-4,    # SGD (L-DRL) / Adam (DTP, SDTP)
-             feedback_adam_beta2=0.999, feedback_adam_eps=1e-8)  # the inverses' Adam (DTP, SDTP)
+             feedback_adam_beta2=0.999, feedback_adam_eps=1e-8,  # the inverses' Adam (DTP, SDTP)
+             sdtp_step=1.0)
     if arch_family(arch) == "ernoult":
         p["feedback_form"] = "ernoult"
         if rule == "ldrl":
@@ -151,6 +152,7 @@ class Config:
     inverse_loss: str = "denoising"
     feedback_form: str | None = None
     dtp_alpha: float | None = None
+    sdtp_step: float | None = None
     dtp_sigma: float | list | None = None
     feedback_lr: float | list | None = None
     feedback_adam_beta2: float | None = None
@@ -277,6 +279,7 @@ OPTION_RULES = {
     "inverse_loss": _choice("denoising", "noise-preserving"),
     "feedback_form": _choice("bartunov", "ernoult"),
     "dtp_alpha": _positive(),
+    "sdtp_step": (float, lambda v: 0 < v <= 1, "in (0, 1]"),
     "dtp_sigma": _at_least(0.0, float),
     "feedback_lr": _positive(),
     "feedback_adam_beta2": _unit(),
@@ -314,7 +317,7 @@ RESULT_NEUTRAL = {"quiet", "log_every", "max_steps", "checkpoint_every", "angles
 
 # Options added after checkpoints were written: a configuration without the key ran with
 # this value, so resuming it with that value is no change.
-ADDED_LATER = {"feedback_adam_beta2": 0.999, "feedback_adam_eps": 1e-8}
+ADDED_LATER = {"feedback_adam_beta2": 0.999, "feedback_adam_eps": 1e-8, "sdtp_step": 1.0}
 
 
 def config_changes(old: dict, new: dict) -> tuple[dict, dict]:

@@ -108,7 +108,7 @@ class Trainer:
         self.loss = make_loss(cfg.loss, self.data.n_classes, cfg.reduction)
         dtp = dict(alpha=cfg.dtp_alpha, beta=cfg.ldrl_beta, sigma=cfg.dtp_sigma, inverse_loss=cfg.inverse_loss,
                    feedback_lr=cfg.feedback_lr, feedback_adam=(cfg.feedback_adam_beta2, cfg.feedback_adam_eps),
-                   ldrl_iters=cfg.ldrl_iters, feedback_form=cfg.feedback_form,
+                   ldrl_iters=cfg.ldrl_iters, feedback_form=cfg.feedback_form, sdtp_step=cfg.sdtp_step,
                    reduction=cfg.reduction)
         self.rule = make_rule(cfg.rule, self.net, seed=cfg.seed, gamma=cfg.gamma, form=cfg.target_form,
                               norm=cfg.gamma_norm, sqrt_dim=cfg.gamma_sqrt_dim, feedback_init=cfg.feedback_init,

@@ -215,3 +215,27 @@ def test_learned_feedback_errors():
         make_rule("sdtp", dense_net(np), n_classes=10)
     with pytest.raises(ValueError, match="--feedback-form"):
         make_rule("dtp", dense_net(np), dtp_options={"feedback_form": "mirror"})
+
+
+def test_sdtp_step_is_a_partial_step_toward_the_label(xp):
+    """--sdtp-step s: the penultimate target y - g(p) + g(p + s (onehot - p)); s = 1 is
+    Bartunov et al.'s label target g(onehot), and as s -> 0 the nudge divided by s tends to
+    the learned inverse's Jacobian at p applied to (onehot - p) (central differences)."""
+    from gait_ref.rules.dtp import softmax
+    net = dense_net(xp)
+    tr, gy, y = batch(net, xp)
+    L = len(net)
+    rules = {s: make_rule("sdtp", net, n_classes=4, dtp_options={"sdtp_step": s}) for s in (1.0, 0.25, 1e-6)}
+    g = lambda u: asnumpy(rules[1.0].fb[L - 1].forward(to_device(u, xp), tr.caches[L - 1])[0])   # same seed: same g
+    p = asnumpy(softmax(tr.ys[-1]))
+    onehot = np.eye(4)[asnumpy(y)]
+    h = asnumpy(tr.ys[L - 2])
+    t = {s: [asnumpy(v) for v in r.targets(tr, gy, y)] for s, r in rules.items()}
+    np.testing.assert_allclose(t[1.0][L - 2], h - g(p) + g(onehot), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(t[0.25][L - 2], h - g(p) + g(p + 0.25 * (onehot - p)), rtol=1e-12, atol=1e-14)
+    d, eps = onehot - p, 1e-5
+    jvp = (g(p + eps * d) - g(p - eps * d)) / (2 * eps)
+    np.testing.assert_allclose((t[1e-6][L - 2] - h) / 1e-6, jvp, rtol=1e-4, atol=1e-8)
+    assert not np.allclose(t[0.25][0], t[1.0][0])          # the lower targets follow from it
+    with pytest.raises(ValueError, match=r"--sdtp-step must be in \(0, 1\], got 1.5"):
+        make_rule("sdtp", net, n_classes=4, dtp_options={"sdtp_step": 1.5})

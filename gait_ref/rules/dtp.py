@@ -7,14 +7,15 @@ layer l's output back to its input (``gait_ref.feedback``). Targets t_l, per sam
 (l_n is sample n's loss, so steps do not depend on the batch size or the reduction):
 
     DTP   t_{L-2} = y_{L-2} - alpha dl_n/dy_{L-2}        (gradient through the last layer only)
-    SDTP  t_{L-2} = y_{L-2} - g_{L-1}(p) + g_{L-1}(onehot), p = softmax of the output:
-                                                         t_L = argmin l_n, no gradient anywhere
+    SDTP  t_{L-2} = y_{L-2} - g_{L-1}(p) + g_{L-1}(p + s (onehot - p)), p = softmax of the
+          output; s = 1 (Bartunov et al.'s Algorithm 1): t_L = onehot = argmin l_n, no
+          gradient anywhere; s < 1 is a control (a partial step toward the label)
     L-DRL t_{L-1} = y_{L-1} - beta dl_n/dy_{L-1}         (logits - beta dCE/dlogits)
           t_{L-2} = y_{L-2} - g_{L-1}(y_{L-1}) + g_{L-1}(t_{L-1})
     then, for all:  t_{l-1} = y_{l-1} - g_l(y_l) + g_l(t_l)   (the difference correction)
 
 Forward updates: the last layer by its task-loss gradient; every other layer by its
-local loss sum_n 0.5 ||y_l - t_l||^2 / step (step = alpha for DTP, beta for L-DRL, 1 for
+local loss sum_n 0.5 ||y_l - t_l||^2 / step (step = alpha for DTP, beta for L-DRL, s for
 SDTP), reduced over the batch like the task loss. With exact inverses and small steps
 these are BP's gradients.
 
@@ -79,7 +80,8 @@ class DifferenceTargetProp:
 
     def __init__(self, net, mode: str = "dtp", n_classes: int = 10, seed: int = 0, alpha: float = 0.1,
                  beta: float = 0.1, sigma=0.1, inverse_loss: str = "denoising", feedback_lr=1e-4,
-                 ldrl_iters=5, feedback_momentum: float = 0.9, feedback_adam=(0.999, 1e-8), feedback_form: str = "bartunov",
+                 ldrl_iters=5, feedback_momentum: float = 0.9, feedback_adam=(0.999, 1e-8),
+                 sdtp_step: float = 1.0, feedback_form: str = "bartunov",
                  reduction: str = "mean"):
         if mode not in MODES:
             raise ValueError(f"unknown DTP mode {mode!r}; choose one of {MODES}")
@@ -95,7 +97,10 @@ class DifferenceTargetProp:
             raise ValueError(f"sdtp: the output layer must have exactly {n_classes} units (one per class), "
                              f"got shape {tuple(net.out_shape)}")
         self.net, self.name, self.K = net, mode, int(n_classes)
+        if not 0 < sdtp_step <= 1:
+            raise ValueError(f"--sdtp-step must be in (0, 1], got {sdtp_step!r}")
         self.alpha, self.beta, self.inverse_loss, self.reduction = alpha, beta, inverse_loss, reduction
+        self.sdtp_step = float(sdtp_step)
         self.feedback_first = mode == "ldrl"
         L = len(net)
         top = L - 1 if mode in ("sdtp", "ldrl") else L - 2
@@ -148,7 +153,9 @@ class DifferenceTargetProp:
         elif self.name == "sdtp":
             onehot = xp.zeros((gy.shape[0], self.K), dtype=gy.dtype)
             onehot[xp.arange(gy.shape[0]), labels] = 1
-            t[L - 2] = self.correct(L - 1, tr, onehot, self._fb_input(L - 1, tr.ys[-1]))
+            p = self._fb_input(L - 1, tr.ys[-1])
+            top = onehot if self.sdtp_step == 1 else p + (onehot - p) * gy.dtype.type(self.sdtp_step)
+            t[L - 2] = self.correct(L - 1, tr, top, p)
         else:
             t[L - 1] = tr.ys[-1] - g_n * gy.dtype.type(self.beta)
             t[L - 2] = self.correct(L - 1, tr, t[L - 1])
@@ -163,7 +170,7 @@ class DifferenceTargetProp:
         xp = get_xp(gy)
         batch = BatchSlice.whole(gy.shape[0]) if batch is None else batch
         t = self.targets(tr, gy, labels, batch)
-        step = {"dtp": self.alpha, "sdtp": 1.0, "ldrl": self.beta}[self.name]
+        step = {"dtp": self.alpha, "sdtp": self.sdtp_step, "ldrl": self.beta}[self.name]
         scale = gy.dtype.type((1.0 / batch.n_total if self.reduction == "mean" else 1.0) / step)
         grads = [None] * L
         grads[-1] = net.layers[-1].param_grads(gy * net.activations[-1].deriv(tr.hs[-1]), tr.caches[-1])
