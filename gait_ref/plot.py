@@ -82,6 +82,7 @@ def plot_search(points: dict, out_path, reference: dict | None = None,
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     fig, axes = plt.subplots(1, len(options), figsize=(4 * len(options), 3.6), sharey=True, squeeze=False)
     for ax, option in zip(axes[0], options):
@@ -94,6 +95,8 @@ def plot_search(points: dict, out_path, reference: dict | None = None,
         if option.endswith("lr"):
             ax.set_xscale("log")
         ax.set_yscale("log")
+        for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            axis(FuncFormatter(lambda v, _: f"{v:g}"))          # 2, 3, 4 ..., not 2 x 10^0
         ax.set_xlabel(option.lstrip("-"))
         ax.grid(alpha=0.3, which="both")
     axes[0][0].set_ylabel("screen score: validation error %")
