@@ -26,8 +26,7 @@ Tables
               also with the inverse's lr at 3e-4 and with its noise sigma at 0.01 and 0.3; DTP and SDTP
               with the alternating schedule (at most 200 epochs, patience 20); DTP and BP without
               early stopping (100 epochs, patience 100); SDTP at lr 1e-3 (above the paper's range);
-              SDTP with --sdtp-step 1, 0.1, 0.01 and
-              angles to BP; the locally connected network
+              SDTP with --sdtp-step 1, 0.1, 0.01 and angles to BP; the locally connected network
               (bartunov-lc) with BP, DTP, FA, SDTP and L-DRL, as the FC rows.
   bartunov-search  Bartunov et al.'s random hyperparameter search for DTP and SDTP on the FC
               network (their Table 4 ranges; ``gait_ref.hparam_search``): 60 configurations
