@@ -323,7 +323,7 @@ ADDED_LATER = {"feedback_adam_beta2": 0.999, "feedback_adam_eps": 1e-8, "sdtp_st
 def config_changes(old: dict, new: dict) -> tuple[dict, dict]:
     """(changes that alter the result, changes that do not): {option: [old, new]}."""
     result, neutral = {}, {}
-    old = {**{k: v for k, v in ADDED_LATER.items() if k not in old and old}, **old}
+    old = {**ADDED_LATER, **old} if old else old
     for k in sorted(set(old) | set(new)):
         if k == "extra" or old.get(k) == new.get(k):
             continue

@@ -384,39 +384,39 @@ def seed_summaries(table_dir: Path, runs: dict, summaries: dict | None = None,
     return ([""] + lines) if lines else []
 
 
+def screened(table_dir: Path, runs: dict, rule: str) -> dict:
+    """Table bartunov-search's finished screen runs of ``rule``: {name: (score, the drawn
+    options as run.py arguments)}; the score is ``hparam_search.screen_score``."""
+    from .hparam_search import screen_score
+    return {n: (screen_score(table_dir / n), a[a.index("--seed") + 2:]) for n, a in runs.items()
+            if n.startswith(f"screen-{rule}-") and finished(table_dir / n, a)}
+
+
 def search_points(table_dir: Path, runs: dict) -> dict:
     """{method: [({option: value}, screen score), ...]} over the finished screen runs."""
-    from .hparam_search import screen_score
-    points = {}
-    for rule in ("dtp", "sdtp"):
-        points[rule] = []
-        for n, a in runs.items():
-            if n.startswith(f"screen-{rule}-") and finished(table_dir / n, a):
-                drawn = a[a.index("--seed") + 2:]
-                opts = {k: v for k, v in zip(drawn[::2], drawn[1::2]) if isinstance(v, float)}
-                points[rule].append((opts, screen_score(table_dir / n)))
-    return points
+    return {rule: [({k: v for k, v in zip(drawn[::2], drawn[1::2]) if isinstance(v, float)}, score)
+                   for score, drawn in screened(table_dir, runs, rule).values()]
+            for rule in ("dtp", "sdtp")}
 
 
 def search_ranking(table_dir: Path, runs: dict, recorded: dict | None = None, top: int = 5) -> list[str]:
     """Table bartunov-search's screen, per method: how many configurations finished, and the
     ``top`` best by their score (mean validation error over the last epochs of the screen),
     with their options. Runs kept as recorded (metrics elsewhere) are counted, not ranked."""
-    from .hparam_search import SCORE_EPOCHS, screen_score
+    from .hparam_search import SCORE_EPOCHS
     lines = []
     for rule in ("dtp", "sdtp"):
-        screen = {n: a for n, a in runs.items() if n.startswith(f"screen-{rule}-")}
+        screen = [n for n in runs if n.startswith(f"screen-{rule}-")]
         if not screen:
             continue
-        done = {n: screen_score(table_dir / n) for n, a in screen.items() if finished(table_dir / n, a)}
+        done = screened(table_dir, runs, rule)
         elsewhere = [n for n in screen if n not in done and n in (recorded or {}) and recorded[n][1]]
         lines.append(f"- {rule} screen: {len(done)} of {len(screen)} configurations finished here"
                      + (f", {len(elsewhere)} recorded from elsewhere (not ranked)" if elsewhere else "")
                      + f"; best by mean validation error % over the last {SCORE_EPOCHS} epochs:")
-        for n in sorted(done, key=lambda n: (done[n], n))[:top]:
-            a = [str(x) for x in screen[n]]
-            opts = " ".join(a[a.index("--seed") + 2:])
-            lines.append(f"  - {n}: {done[n]:.2f} (`{opts}`)")
+        for n in sorted(done, key=lambda n: (done[n][0], n))[:top]:
+            score, drawn = done[n]
+            lines.append(f"  - {n}: {score:.2f} (`{' '.join(map(str, drawn))}`)")
     return ([""] + lines) if lines else []
 
 

@@ -154,6 +154,7 @@ class DifferenceTargetProp:
             onehot = xp.zeros((gy.shape[0], self.K), dtype=gy.dtype)
             onehot[xp.arange(gy.shape[0]), labels] = 1
             p = self._fb_input(L - 1, tr.ys[-1])
+            # s = 1 is the label itself, exactly (p + (onehot - p) rounds away from it)
             top = onehot if self.sdtp_step == 1 else p + (onehot - p) * gy.dtype.type(self.sdtp_step)
             t[L - 2] = self.correct(L - 1, tr, top, p)
         else:
