@@ -1,6 +1,10 @@
 import gzip
 import hashlib
 import json
+import multiprocessing
+import os
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -335,3 +339,30 @@ def test_shard_reads_raw_chunks_or_decompressed(tmp_path, compression):
     xb, yb = s.read(idx)
     np.testing.assert_array_equal(xb, x[idx].transpose(0, 3, 1, 2))
     np.testing.assert_array_equal(yb, y[idx])
+
+
+def _fetch_once_slowly(cache: str, name: str):
+    os.environ["GAIT_REF_DATA"] = cache
+    from gait_ref.data.packaged import _cached
+
+    def fill(folder):
+        with open(Path(cache) / "fills", "a") as f:  # one line per fetch that ran
+            f.write(f"{os.getpid()}\n")
+        time.sleep(0.5)
+        (folder / "data").write_text("payload")
+    return str(_cached(name, fill, "test fetch", quiet=True))
+
+
+def test_concurrent_first_fetches_fetch_once(tmp_path):
+    """Two runs started together on a fresh cache: one fetches, the other waits for it
+    (the two used to share one .partial folder and the second crashed)."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "mnist.partial").mkdir()  # what a killed fetch leaves behind
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(2) as pool:
+        got = pool.starmap(_fetch_once_slowly, [(str(cache), "mnist")] * 2)
+    assert got == [str(cache / "mnist")] * 2
+    assert len((cache / "fills").read_text().split()) == 1
+    assert (cache / "mnist" / "data").read_text() == "payload"
+    assert not (cache / "mnist.partial").exists()

@@ -116,18 +116,28 @@ def read_idx_dir(d, expected_sha=None):
 
 def _cached(name: str, fill, what: str, quiet: bool) -> Path:
     """cache_dir()/name, filled once by ``fill(folder)`` in a temporary folder that is
-    renamed into place when complete (an interrupted fetch leaves nothing half-made)."""
+    renamed into place when complete (an interrupted fetch leaves nothing half-made).
+
+    Concurrent first uses (two runs started together, MPI ranks) are serialised by an
+    exclusive lock on cache_dir()/name.lock: one process fetches, the others wait and
+    then find the folder complete."""
+    import fcntl
     dest = cache_dir() / name
-    if not (dest / ".complete").exists():
-        if not quiet:
-            print(f"{what} into {dest} (once)", flush=True)
-        partial = dest.with_name(dest.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        fill(partial)
-        (partial / ".complete").touch()
-        shutil.rmtree(dest, ignore_errors=True)
-        partial.rename(dest)
+    if (dest / ".complete").exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest.with_name(name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (dest / ".complete").exists():  # nobody fetched it while we waited
+            if not quiet:
+                print(f"{what} into {dest} (once)", flush=True)
+            partial = dest.with_name(dest.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)  # left by a killed fetch
+            partial.mkdir(parents=True)
+            fill(partial)
+            (partial / ".complete").touch()
+            shutil.rmtree(dest, ignore_errors=True)
+            partial.rename(dest)
     return dest
 
 
