@@ -7,7 +7,33 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from .backend import get_xp, to_device, to_numpy
+
+
+# elements per block of an elementwise update on the CPU: five float32 blocks (parameter,
+# gradient, two moments, scratch) take 1.3 MB, within a core's L2 here. Adam on the deep
+# MLP's 9.4 M parameters: 35 ms whole-array, 24 ms in blocks of 65,536 (27 and 28 ms in
+# blocks of 16,384 and 262,144; float32, one thread; a second thread gained 1-2 ms, the
+# memory bandwidth being the limit)
+CPU_BLOCK = 65536
+
+
+def _blocks(xp, p, g, *state):
+    """Matching pieces of a parameter ``p``, its gradient ``g`` and its state arrays, all
+    of one shape: on the CPU, flat blocks of ``CPU_BLOCK`` elements (views of ``p`` and the
+    state, so that in-place updates reach them; a non-contiguous ``g``, only read, is read
+    through one copy); on a GPU, or if ``p`` or the state is not C-contiguous, the whole
+    arrays."""
+    others = (g,) + state
+    written = (p,) + state
+    if xp is not np or p.size <= CPU_BLOCK or not all(a.flags.c_contiguous for a in written):
+        yield (p,) + others
+        return
+    flat = [a.reshape(-1) for a in (p,) + others]
+    for i in range(0, p.size, CPU_BLOCK):
+        yield tuple(a[i:i + CPU_BLOCK] for a in flat)
 
 
 class Adam:
@@ -28,8 +54,10 @@ class Adam:
         self.m, self.v = {}, {}
 
     def step(self, params: dict, grads: dict) -> None:
-        """params[name] -= update(grads[name]), in place (one scratch array per parameter,
-        no other temporaries: Adam is memory traffic, a large part of a step on a CPU)."""
+        """params[name] -= update(grads[name]), in place (one scratch array, no other
+        temporaries: Adam is memory traffic, a large part of a step on a CPU). On the CPU the
+        update runs block by block (``_blocks``), so that its dozen elementwise passes read
+        each block from cache and the arrays cross memory about once."""
         self.t += 1
         b1, b2, t = self.beta1, self.beta2, self.t
         for name, p in params.items():
@@ -37,32 +65,37 @@ class Adam:
             xp = get_xp(p, g)
             if name not in self.m:
                 self.m[name], self.v[name] = xp.zeros_like(p), xp.zeros_like(p)
-            m, v, tmp = self.m[name], self.v[name], xp.empty_like(p)
-            c1, c2 = p.dtype.type(1 - b1), p.dtype.type(1 - b2)
-            # m_t = b1 m_{t-1} + (1 - b1) g
-            m *= p.dtype.type(b1)
-            xp.multiply(g, c1, out=tmp)
-            m += tmp
-            # v_t = b2 v_{t-1} + (1 - b2) g^2
-            v *= p.dtype.type(b2)
-            xp.multiply(g, g, out=tmp)
-            tmp *= c2
-            v += tmp
+            one = p.dtype.type
+            c1, c2 = one(1 - b1), one(1 - b2)
             if self.eps_placement == "hat":
-                # theta -= lr * (m_t / (1 - b1^t)) / (sqrt(v_t / (1 - b2^t)) + eps)
-                xp.divide(v, p.dtype.type(1 - b2 ** t), out=tmp)
-                xp.sqrt(tmp, out=tmp)
-                tmp += p.dtype.type(self.eps)
-                xp.divide(m, tmp, out=tmp)
-                tmp *= p.dtype.type(self.lr / (1 - b1 ** t))
+                scale_v, lr_t = one(1 - b2 ** t), one(self.lr / (1 - b1 ** t))
             else:
-                # lr_t = lr sqrt(1 - b2^t) / (1 - b1^t);  theta -= lr_t m_t / (sqrt(v_t) + eps)
-                lr_t = self.lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
-                xp.sqrt(v, out=tmp)
-                tmp += p.dtype.type(self.eps)
+                lr_t = one(self.lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t))
+            tmp_all = None
+            for p_, g_, m, v in _blocks(xp, p, g, self.m[name], self.v[name]):
+                if tmp_all is None or tmp_all.size < p_.size:
+                    tmp_all = xp.empty(p_.size, p.dtype)
+                tmp = tmp_all[:p_.size].reshape(p_.shape)
+                # m_t = b1 m_{t-1} + (1 - b1) g
+                m *= one(b1)
+                xp.multiply(g_, c1, out=tmp)
+                m += tmp
+                # v_t = b2 v_{t-1} + (1 - b2) g^2
+                v *= one(b2)
+                xp.multiply(g_, g_, out=tmp)
+                tmp *= c2
+                v += tmp
+                if self.eps_placement == "hat":
+                    # theta -= lr * (m_t / (1 - b1^t)) / (sqrt(v_t / (1 - b2^t)) + eps)
+                    xp.divide(v, scale_v, out=tmp)
+                    xp.sqrt(tmp, out=tmp)
+                else:
+                    # lr_t = lr sqrt(1 - b2^t) / (1 - b1^t);  theta -= lr_t m_t / (sqrt(v_t) + eps)
+                    xp.sqrt(v, out=tmp)
+                tmp += one(self.eps)
                 xp.divide(m, tmp, out=tmp)
-                tmp *= p.dtype.type(lr_t)
-            p -= tmp
+                tmp *= lr_t
+                p_ -= tmp
 
     def state_dict(self) -> dict:
         state = {"t": self.t}

@@ -35,6 +35,37 @@ def test_adam_three_step_trajectory(xp, placement):
     assert abs(other[-1] - expect[-1]) > 1e-4
 
 
+@pytest.mark.parametrize("placement", ["hat", "tf"])
+def test_adam_blocked_update_is_the_whole_array_update(placement):
+    """On the CPU a large parameter is updated in cache-sized blocks: every element must
+    get exactly the arithmetic of the whole-array update (here written elementwise on the
+    flat arrays, in float32 as the library does), with a gradient that is a transposed
+    (non-contiguous) view, a parameter that is one, and a size that is not a multiple of
+    the block."""
+    from gait_ref import optim
+    rng = np.random.default_rng(1)
+    n = 2 * optim.CPU_BLOCK + 12345
+    shape = (n // 5, 5)
+    lr, b1, b2, eps = 1e-3, 0.9, 0.999, 1e-6
+    p0 = rng.standard_normal(shape).astype(np.float32)
+    gs = [np.ascontiguousarray(rng.standard_normal(shape[::-1]).astype(np.float32)).T for _ in range(3)]
+    params = {"w": p0.copy(), "wt": np.ascontiguousarray(p0.T).T}     # C- and F-ordered
+    opt = Adam(lr=lr, beta1=b1, beta2=b2, eps=eps, eps_placement=placement)
+    one = np.float32
+    p, m, v = p0.copy(), np.zeros(shape, one), np.zeros(shape, one)
+    for t, g in enumerate(gs, start=1):
+        opt.step(params, {"w": g, "wt": g})
+        m = m * one(b1) + g * one(1 - b1)
+        v = v * one(b2) + g * g * one(1 - b2)
+        if placement == "hat":
+            p = p - m / (np.sqrt(v / one(1 - b2 ** t)) + one(eps)) * one(lr / (1 - b1 ** t))
+        else:
+            p = p - m / (np.sqrt(v) + one(eps)) * one(lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t))
+        np.testing.assert_array_equal(params["w"], p)
+        np.testing.assert_array_equal(params["wt"], p)
+    assert not np.array_equal(p, p0)
+
+
 def test_adam_state_roundtrip(xp):
     rng = np.random.default_rng(0)
     p1 = {"w": xp.asarray(rng.standard_normal((3, 4)))}
