@@ -254,8 +254,22 @@ class MPIComm:
         return "; ".join(seen) if seen else "every peer rank is alive but not progressing"
 
     def abort(self, message: str, code: int = 1) -> None:
-        """Print ``message`` and end every rank of the job."""
+        """Print ``message`` and end every rank of the job. With a run folder the message is
+        also written to ``.ranks/abort-rank-<r>.txt``: the launcher forwards a rank's stderr
+        through a pipe that MPI_Abort's tear-down can close before the last line is read
+        (seen on a loaded 2-core machine), and a cluster's job log may be lost. A second's
+        pause before the abort gives the launcher time to forward it."""
         print(message, file=sys.stderr, flush=True)
+        if self.run_dir:
+            try:
+                f = Path(self.run_dir) / ".ranks" / f"abort-rank-{self.rank}.txt"
+                f.parent.mkdir(parents=True, exist_ok=True)
+                tmp = f.with_suffix(".tmp")
+                tmp.write_text(message + "\n")
+                os.replace(tmp, f)
+            except OSError:
+                pass
+        time.sleep(1.0)
         if self.nccl is not None:
             try:
                 self.nccl[1].abort()
