@@ -1,6 +1,6 @@
 """Performance benchmarks (issue: GAIT-prop at the cost of its own arithmetic). Prints its figures.
 
-    python bench/perf.py [--quick] [--backend numpy|cupy] [--only ratio,efficiency,torch,float32,gemm,memory,data]
+    python bench/perf.py [--quick] [--backend numpy|cupy] [--only ratio,efficiency,torch,float32,gemm,memory,data,solver]
 
 ratio       one full training step (``gait_ref.step.TrainStep``: forward, rule, regulariser,
             Adam) of normalized GP and of BP, interleaved (A, B, A, B), several steps per
@@ -22,6 +22,9 @@ gemm        a BP step of conv7 in GFLOP/s (3 GEMMs per layer) against the GEMM r
 memory      peak memory of one step (tracemalloc), GP against BP on the same network.
 data        the shard loader's images/s against the GP training step (bench/loader.py has
             the full loader benchmark).
+solver      the GP step with ``--inverse-solver refine`` against ``lu``, float32 and float64,
+            interleaved, with the refinement's corrections per solve, recomputed steps and
+            renewals of the kept inverse (gait_ref/linalg.py explains the policy).
 
 Networks: the deep CIFAR MLP (six hidden layers of 1024, batch 256) and the ImageNet conv
 net at 64 px (batch 64); inputs are real Fashion-MNIST images and the 20 real ImageNet
@@ -206,6 +209,24 @@ def bench_efficiency(xp, quick):
         target = " (target 70%: " + ("met)" if eff >= 0.7 else "NOT met)") if name == "mlp-deep" else ""
         print(f"- {name} batch {b}: {fl / 1e9:.1f} GFLOP per GP step in {dt * 1e3:.0f} ms = {fl / dt / 1e9:.0f} GFLOP/s; "
               f"GEMM {peak:.0f} GFLOP/s; {100 * eff:.0f}% of GEMM{target}", flush=True)
+
+
+def bench_solver(xp, quick):
+    print("\n## 8. the inverse's solver: refined kept inverse against a fresh LU, GP training step, interleaved")
+    print("| network | dtype | refine ms | lu ms | refine/lu | corrections per solve | recomputed steps per step |"
+          " renewals of X per layer per step |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in NETS:
+        b = NETS[name][2] if quick else NETS[name][1]
+        for dtype in (np.float32, np.float64):
+            s = {solver: Setup(name, "gait", xp, dtype, b, solver=solver) for solver in ("refine", "lu")}
+            t = interleaved({k: v.train_step for k, v in s.items()}, xp, reps=2 if quick else 3, steps=2 if quick else 8)
+            st = s["refine"].rule.stats
+            square = sum(1 for l in s["refine"].net.layers[1:] if l.square)
+            renewals = sum(r.refreshes for r in s["refine"].rule.refined) / max(1, square) / st["steps"]
+            print(f"| {name} batch {b} | {np.dtype(dtype).name} | {t['refine'] * 1e3:.0f} | {t['lu'] * 1e3:.0f} | "
+                  f"{t['refine'] / t['lu']:.2f} | {st['corrections'] / st['solves']:.2f} | "
+                  f"{(st['recursions'] - st['steps']) / st['steps']:.2f} | {renewals:.2f} |", flush=True)
 
 
 def bench_float32(xp, quick):
@@ -422,7 +443,7 @@ def bench_data(xp, quick):
 @click.command()
 @click.option("--quick", is_flag=True, help="Small batches and few repeats: checks that everything runs.")
 @click.option("--backend", default="numpy", type=click.Choice(["numpy", "cupy"]))
-@click.option("--only", default="ratio,efficiency,torch,float32,gemm,memory,data", show_default=True)
+@click.option("--only", default="ratio,efficiency,torch,float32,gemm,memory,data,solver", show_default=True)
 @click.option("--time-one", nargs=5, hidden=True)
 def main(quick, backend, only, time_one):
     if time_one:                                   # a worker of bench_torch: print seconds per step
@@ -449,6 +470,8 @@ def main(quick, backend, only, time_one):
         bench_memory(quick)
     if "data" in parts:
         bench_data(xp, quick)
+    if "solver" in parts:
+        bench_solver(xp, quick)
 
 
 if __name__ == "__main__":

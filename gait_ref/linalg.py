@@ -19,13 +19,22 @@ threads steal the cores the other needed (a GEMM then an LU: 42 ms alternating a
 
   are made of (||W||_2 by one warm-started power-iteration step per solve, see
   ``RefinedInverse.norm_squared``). The rule reads all of a step's at once: a layer whose
-  eta_K missed ``residual_bound(dtype)`` gets one
-  more correction (or, past ``MAX_CORRECTIONS``, a fresh inverse of its current weights)
-  and the step's targets are computed again; after a step where every layer met it, each
-  layer plans for next time the fewest corrections that met a quarter of the bound (a
-  margin for the weights' drift). So every x that reaches an update solves x W = B - r
-  exactly with ||r||_F <= 64 eps ||W||_2 ||x||_F, the bound a backward-stable solve (a
-  fresh LU) meets, and the host reads the device once per step.
+  eta_K missed ``residual_bound(dtype)`` gets one more correction (or, past
+  ``max_corrections(dtype)``, a fresh inverse of its current weights) and the step's
+  targets are computed again; after a step where every layer met it, each layer plans for
+  next time the fewest corrections that met a quarter of the bound (a margin for the
+  weights' drift). So every x that reaches an update solves x W = B - r exactly with
+  ||r||_F <= 64 eps ||W||_2 ||x||_F, the bound a backward-stable solve (a fresh LU) meets,
+  and the host reads the device once per step.
+
+  How X is kept (``RefinedInverse.operator``, ``settle``): where a step's solves have at
+  least D rows per matrix, a Newton-Schulz step X (2 I - W X) costs no more than one
+  correction, so X is renewed for this step's W at every step and the corrections start
+  from an X only one step's drift squared from exact. Elsewhere X is kept, and renewed
+  (Newton-Schulz where it is close, else a fresh inverse) when the planned corrections pass
+  ``max_corrections(dtype)``; after a renewal the plan is that maximum, not one, because the
+  next step's W is a step's drift away again (planning one made a miss, and a recomputation
+  of the whole step's targets, at every renewal once the weights moved steadily).
 
 Why the backward error and not the relative residual ||r||_F / ||B||_F: a backward-stable
 solve leaves a relative residual of about eps x cond(W), so a bound on it cannot be met in
@@ -37,11 +46,13 @@ iteration's estimate never exceeds ||W||_2, so an inexact estimate only makes th
 stricter.
 
 Measured here (deep MLP, D = 1024, batch 256, GAIT-prop training step with the
-regulariser): float32 308 ms refine, 489 ms lu, 600 ms scipy's LU; float64 580 ms lu,
-1152 ms refine (the weights move about 3e-3 relative per step, so a one-step-old inverse
-needs five or more corrections to reach float64 round-off, each two GEMMs, more than an
-LU). ``solver_for(dtype)`` therefore picks refine for float32 and lu for float64
-(``--inverse-solver auto``).
+regulariser, float32): 254 ms refine with the renewal above against 331 ms with the
+earlier policy (X kept until three corrections no longer sufficed, one planned after a
+renewal: 0.30 recomputed steps per step, now 0.05), 489 ms lu, 600 ms scipy's LU; float64
+580 ms lu, 1152 ms refine (the weights move about 3e-3 relative per step, so a one-step-old
+inverse needs five or more corrections to reach float64 round-off, each two GEMMs, more
+than an LU). ``solver_for(dtype)`` therefore picks refine for float32 and lu for float64
+(``--inverse-solver auto``). ``python bench/perf.py --only solver`` prints the figures.
 """
 from __future__ import annotations
 
@@ -52,19 +63,39 @@ import numpy as np
 from .backend import get_xp
 
 SOLVERS = ("auto", "refine", "lu")
-MAX_CORRECTIONS = 3
+# corrections per solve at most, past which X is renewed (see settle): in float32, 2 (two more
+# GEMMs per solve on every step of the deep MLP cost more than a Newton-Schulz step every few
+# steps; measured in docs/BENCHMARKS.md); in float64, whose bound needs about (drift)^(K + 1)
+# <= 1e-14, 5
+MAX_CORRECTIONS = {4: 2, 8: 5}
+NEWTON_FROM = 1e-2             # a kept X whose uncorrected solve was this close renews by Newton-Schulz
 POWER_WARMUP = 10              # power-iteration steps from the fixed start vector
 
 
 def backward_errors(sq: list, world: int = 1) -> list:
     """A solve's ``_RefinedSolve.sq`` as read on the host (each entry summed over ``world``
     processes, which share the weights and split the rows): eta_k for k = 0..K."""
-    s2, x2, *r2 = (float(v) for v in sq)
+    s2, _, x2, *r2 = (float(v) for v in sq)
     denom = np.sqrt(s2 / world * x2)                          # ||W||_2 ||x_K||_F
     # B = 0 solved by x = 0 is exact; anything non-finite stays NaN or inf, and fails the
     # bound (the caller's error names the layer, so numpy's warning would only be noise)
     with np.errstate(invalid="ignore", divide="ignore"):
         return [0.0 if denom == 0 and r == 0 else float(np.sqrt(r) / denom) for r in r2]
+
+
+def condition_lower_bound(sq: list, world: int = 1) -> float:
+    """||W||_2 ||x||_F / ||B||_F from a solve's ``sq``: at most cond_2(W) (since ||x|| <=
+    ||W^-1||_2 ||B||, and the norm estimate never exceeds ||W||_2), so a value past 1 / eps
+    proves W numerically singular in that dtype. A small backward error does not: on an
+    exactly singular W, rounding leaves the LU a tiny pivot instead of a zero one on some
+    BLAS kernels, and the huge x it gives solves a neighbouring matrix backward-stably."""
+    s2, b2, x2 = (float(v) for v in sq[:3])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return 0.0 if b2 == 0 else float(np.sqrt(s2 / world * x2 / b2))
+
+
+def max_corrections(dtype) -> int:
+    return MAX_CORRECTIONS[np.dtype(dtype).itemsize]
 
 
 def residual_bound(dtype) -> float:
@@ -106,8 +137,13 @@ class RefinedInverse:
 
     def __init__(self):
         self.X, self.K, self.refreshes = None, 1, 0
-        self._planned, self.rho = None, None
+        self._planned, self.rho, self.eta0 = None, None, None
+        # X was made from the very weights this step solves with (the first step, or a retry
+        # after a miss), so this step's errors show none of the drift the next step will add
+        self.exact_now = False
+        self.renewing = False          # X is renewed for the weights at every step (see operator)
         self.v = None                  # the power iteration's unit vector(s), (D,) or (P, D)
+        self.etas = []                 # the last checked solve's backward errors (check)
 
     def norm_squared(self, W):
         """||W||_2^2 estimated on the device (0-d, no read): one step of power iteration on
@@ -130,51 +166,80 @@ class RefinedInverse:
             self.v = w / xp.sqrt((w * w).sum(axis=-1, keepdims=True))
         return est.max()
 
-    def refresh(self, W, newton: bool = False) -> None:
-        """A better X for the current weights, K = 1: with ``newton``, one Newton-Schulz step
-        X (2 I - W X) (two GEMMs; it squares ||I - W X||) if the corrections still contract
-        fast (measured rate rho < 1/2); else a fresh inverse."""
+    def refresh(self, W, newton: bool = False, K: int | None = None) -> None:
+        """A better X for the weights W: with ``newton``, one Newton-Schulz step X (2 I - W X)
+        (two GEMMs; it squares I - W X) if the kept X is close (the corrections contracted by
+        rho < 1/2, or the last uncorrected solve was within ``NEWTON_FROM`` of exact); else
+        a fresh inverse. ``K``: the corrections to apply from now on (None: unchanged)."""
         xp = get_xp(W)
-        if newton and self.X is not None and self.rho is not None and self.rho < 0.5 and self.X.shape == W.shape:
+        close = self.rho is not None and (self.rho < 0.5 or self.eta0 < NEWTON_FROM)
+        if newton and self.X is not None and close and self.X.shape == W.shape:
             T = -(W @ self.X)                                        # -W X
             T[..., xp.arange(T.shape[-1]), xp.arange(T.shape[-1])] += 2   # 2 I - W X
             self.X = self.X @ T
         else:
             self.X = xp.linalg.inv(W)
-        self.K, self.rho = 1, None
+        if K is not None:
+            self.K = K
+        self.rho = None
         self.refreshes += 1
 
-    def operator(self, W) -> "_RefinedSolve":
+    def operator(self, W, rows: int = 0) -> "_RefinedSolve":
+        """The solver for this step's weights W. ``rows``: how many rows the step's solves
+        have per matrix over all processes (the batch, times the output positions of a conv).
+        Where that is at least D, a Newton-Schulz step costs no more than one correction
+        (4 D^3 against 4 rows D^2 flops), so X is renewed for W at every step, and the
+        planned corrections start from an X at most one step's drift squared from exact."""
+        self.renewing, self.exact_now = rows >= W.shape[-1], False
         if self.X is None or self.X.shape != W.shape:
-            self.refresh(W)
+            self.refresh(W, K=1)
+            self.exact_now = True
+        elif self.renewing:
+            self.refresh(W, newton=True)
         return _RefinedSolve(self, W)
 
-    def check(self, etas: list, bound: float, W) -> bool:
-        """``etas``: the backward errors after 0..K corrections of this step's solve. True
-        if the last met the bound (and the fewest corrections that met bound / 4 are planned
-        for the next step); else the solver is strengthened: one more correction, or a fresh
-        inverse."""
+    def check(self, sq: list, bound: float, W, world: int = 1) -> bool:
+        """``sq``: this step's solve's ``_RefinedSolve.sq`` as read (summed over ``world``
+        processes); its backward errors after 0..K corrections are kept in ``self.etas``.
+        True if the last met the bound (and the fewest corrections that met bound / 4 are
+        planned for the next step); else the solver is strengthened: one more correction, or
+        past ``max_corrections(dtype)`` a fresh inverse of W (the weights this step solves
+        with). ArithmeticError if the solve proves W numerically singular in its dtype
+        (``condition_lower_bound`` past 1 / eps): no solver can give a meaningful x."""
+        self.etas = etas = backward_errors(sq, world)
+        cond, eps = condition_lower_bound(sq, world), float(np.finfo(W.dtype).eps)
+        if np.isfinite(cond) and cond * eps > 1:        # non-finite: a miss, retried below
+            raise ArithmeticError(f"the weights are numerically singular in {np.dtype(W.dtype).name}: "
+                                  f"cond(W) >= {cond:.1e} > 1/eps = {1 / eps:.1e}")
+        self.eta0 = etas[0]
         if len(etas) > 1 and etas[0] > 0:                             # how fast corrections contract
             self.rho = max(b / a for a, b in zip(etas, etas[1:]) if a > 0)
         if etas[-1] <= bound:
             # the fewest corrections that reached bound / 4; none did: one more than now (the
             # kept inverse only grows staler, so a residual near the bound misses it next step)
             self._planned = next((k for k, e in enumerate(etas) if e <= bound / 4), len(etas))
+            if self.exact_now and not self.renewing:         # next step, X is a step's drift away
+                self._planned = max(self._planned, max_corrections(W.dtype))
             return True
         self._planned = None
-        if self.K >= MAX_CORRECTIONS:
-            self.refresh(W)
+        if self.K >= max_corrections(W.dtype):
+            self.refresh(W, K=1)
+            self.exact_now = True
         else:
             self.K += 1
         return False
 
     def settle(self, W) -> None:
-        """The step succeeded on every layer: use the planned number of corrections (past
-        ``MAX_CORRECTIONS``, a fresh inverse of the weights instead)."""
+        """The step succeeded on every layer: use the planned number of corrections. Past
+        ``max_corrections(dtype)``, X is renewed instead (Newton-Schulz where it is close), from
+        the weights W of this step for the next step's weights: one step's drift from exact
+        again, which takes that many corrections, not one (a plan of one
+        correction after a renewal missed the bound at the next step whenever the weights
+        moved steadily, and every miss costs a recomputation of the step's targets)."""
         if self._planned is not None:
             self.K, self._planned = self._planned, None
-            if self.K > MAX_CORRECTIONS:                  # planned, not forced: Newton-Schulz will do
-                self.refresh(W, newton=True)
+            if self.K > max_corrections(W.dtype):
+                self.refresh(W, newton=True, K=max_corrections(W.dtype))
 
     def state_dict(self, prefix: str) -> dict:
         from .backend import to_numpy
@@ -183,6 +248,8 @@ class RefinedInverse:
         state = {f"{prefix}X": to_numpy(self.X), f"{prefix}K": np.array(self.K)}
         if self.v is not None:
             state[f"{prefix}v"] = to_numpy(self.v)
+        if self.rho is not None:                     # what the next renewal reads (refresh)
+            state[f"{prefix}rho"], state[f"{prefix}eta0"] = np.array(self.rho), np.array(self.eta0)
         return state
 
     def load_state_dict(self, state: dict, prefix: str, xp) -> None:
@@ -191,6 +258,8 @@ class RefinedInverse:
             self.X, self.K = to_device(state[f"{prefix}X"], xp), int(state[f"{prefix}K"])
         if f"{prefix}v" in state:                    # absent in checkpoints from before the bound used it
             self.v = to_device(state[f"{prefix}v"], xp)
+        if f"{prefix}rho" in state:                  # absent before X was renewed at every step
+            self.rho, self.eta0 = float(state[f"{prefix}rho"]), float(state[f"{prefix}eta0"])
 
 
 class _RefinedSolve:
@@ -211,5 +280,5 @@ class _RefinedSolve:
             x = x + r @ X
             r = B - x @ W
             r2.append((r * r).sum())
-        self.sq = [self.state.norm_squared(W), (x * x).sum()] + r2
+        self.sq = [self.state.norm_squared(W), (B * B).sum(), (x * x).sum()] + r2
         return x

@@ -56,10 +56,9 @@ import numpy as np
 
 from ..backend import get_xp, read_scalars
 from ..distributed import BatchSlice
-from ..linalg import RefinedInverse, SquareInverse, backward_errors, residual_bound, solver_for
+from ..linalg import RefinedInverse, SquareInverse, max_corrections, residual_bound, solver_for
 
 MODES = ("tp", "itp", "gait")
-MAX_ATTEMPTS = 2 + 3           # recursions per step at most: corrections added, then fresh inverses
 FORMS = ("absolute", "difference")
 GAMMAS = ("vanilla", "normalized")
 
@@ -67,6 +66,14 @@ GAMMAS = ("vanilla", "normalized")
 def _per_sample(v, like):
     """(N,) -> (N, 1, ...) broadcastable against ``like``."""
     return v.reshape((-1,) + (1,) * (like.ndim - 1))
+
+
+def _solve_rows(y, W, n_total: int) -> int:
+    """Rows per matrix of the solves through W over the whole batch of ``n_total`` samples:
+    a sample's output units y[0] over the D x D matrices' total width (positions of a conv,
+    1 for a dense layer or a stack of P matrices), times the batch (the same on every process)."""
+    matrices = W.size // (W.shape[-1] * W.shape[-1])                   # P for a stack, else 1
+    return y[0].size // (W.shape[-1] * matrices) * n_total
 
 
 class TargetRule:
@@ -127,21 +134,26 @@ class TargetRule:
             return self._recursion(tr, gy, lambda l, W: SquareInverse(W))
         batch = BatchSlice.whole(gy.shape[0]) if batch is None else batch
         bound = residual_bound(gy.dtype)
-        for attempt in range(MAX_ATTEMPTS):
+        for attempt in range(2 + max_corrections(gy.dtype)):    # corrections added, then fresh inverses
             ops = {}
 
             def make_op(l, W):
-                ops[l] = self.refined[l].operator(W)
+                ops[l] = self.refined[l].operator(W, _solve_rows(tr.ys[l], W, batch.n_total))
                 return ops[l]
             grads, info = self._recursion(tr, gy, make_op)
             layers = sorted(ops)
             sq = read_scalars(batch.comm.allreduce_sum([v for l in layers for v in ops[l].sq]))   # one read
-            etas, pos = {}, 0
+            etas, ok, pos = {}, [], 0
             for l in layers:
                 n = len(ops[l].sq)
-                etas[l] = backward_errors(sq[pos:pos + n], batch.comm.size)
+                try:
+                    ok.append(self.refined[l].check(sq[pos:pos + n], bound, self.net.layers[l].params["W"],
+                                                    batch.comm.size))
+                except ArithmeticError as e:
+                    raise ArithmeticError(f"layer {self.net.layers[l].name}: {e}; the exact inverse does not "
+                                          "exist in this dtype (try --dtype float64)") from None
+                etas[l] = self.refined[l].etas
                 pos += n
-            ok = [self.refined[l].check(etas[l], bound, self.net.layers[l].params["W"]) for l in layers]
             self.stats["recursions"] += 1
             self.stats["solves"] += len(layers)
             self.stats["corrections"] += sum(len(etas[l]) - 1 for l in layers)
