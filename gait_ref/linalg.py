@@ -45,13 +45,14 @@ for orthogonal W (||W||_2 = 1, ||x|| = ||B||) the two are the same number. The p
 iteration's estimate never exceeds ||W||_2, so an inexact estimate only makes the test
 stricter.
 
-Measured here (deep MLP, D = 1024, batch 256, GAIT-prop training step with the
-regulariser, float32): 254 ms refine with the renewal above against 331 ms with the
-earlier policy (X kept until three corrections no longer sufficed, one planned after a
-renewal: 0.30 recomputed steps per step, now 0.05), 489 ms lu, 600 ms scipy's LU; float64
-580 ms lu, 1152 ms refine (the weights move about 3e-3 relative per step, so a one-step-old
-inverse needs five or more corrections to reach float64 round-off, each two GEMMs, more
-than an LU). ``solver_for(dtype)`` therefore picks refine for float32 and lu for float64
+Measured (deep MLP, D = 1024, batch 256, GAIT-prop training step with the regulariser,
+2-core AMD EPYC, docs/BENCHMARKS.md): float32 271 ms refine with the renewal above
+against 316 ms with the earlier policy (X kept until three corrections no longer sufficed,
+one planned after a renewal: 0.15 recomputed steps per step, now none), and 283 ms refine
+against 337 ms lu in one interleaved run; float64 1201 ms refine against 436 ms lu (the
+weights move about 3e-3 relative per step, so a one-step-old inverse needs five or more
+corrections to reach float64 round-off, each two GEMMs, more than an LU).
+``solver_for(dtype)`` therefore picks refine for float32 and lu for float64
 (``--inverse-solver auto``). ``python bench/perf.py --only solver`` prints the figures.
 """
 from __future__ import annotations

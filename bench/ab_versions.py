@@ -1,0 +1,68 @@
+"""The GP training step of two checkouts of gait_ref, interleaved (A, B, A, B), each timing in
+its own process so that neither imports the other's code. Prints ms per step and the
+refinement's recomputed steps per step.
+
+    git worktree add /tmp/old <commit>
+    python bench/ab_versions.py /tmp/old . [--case mlp-deep:1:20 --case conv7-64px:1:12] [--repeats 3]
+
+A case is network:ortho_every:steps (networks as in bench/perf.py, float32, the paper's
+settings, three warm-up steps first).
+"""
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+
+WORKER = """
+import sys, time
+root = sys.argv[1]
+sys.path[:0] = [root + "/bench", root]
+import numpy as np
+import perf
+name, every, steps = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+s = perf.Setup(name, "gait", np, np.float32, perf.NETS[name][1], ortho_every=every)
+for _ in range(3):
+    s.train_step()
+st0 = dict(s.rule.stats)
+t = time.perf_counter()
+for _ in range(steps):
+    s.train_step()
+dt = (time.perf_counter() - t) / steps
+st = {k: s.rule.stats[k] - st0[k] for k in st0}
+import gait_ref
+assert gait_ref.__file__.startswith(str(__import__("pathlib").Path(root).resolve())), gait_ref.__file__
+print(dt, (st["recursions"] - st["steps"]) / max(1, st["steps"]))
+"""
+
+
+@click.command()
+@click.argument("a", type=click.Path(exists=True, file_okay=False))
+@click.argument("b", type=click.Path(exists=True, file_okay=False))
+@click.option("--case", "cases", multiple=True, default=["mlp-deep:1:20", "conv7-64px:1:12"], show_default=True)
+@click.option("--repeats", default=3, show_default=True)
+def main(a, b, cases, repeats):
+    roots = {"A": str(Path(a).resolve()), "B": str(Path(b).resolve())}
+    print(f"A = {roots['A']}, B = {roots['B']}; {time.strftime('%Y-%m-%d %H:%M')}")
+    print("| case | A ms | B ms | B/A | A recomputed/step | B recomputed/step |")
+    print("|---|---|---|---|---|---|")
+    for case in cases:
+        name, every, steps = case.split(":")
+        got = {k: [] for k in roots}
+        for _ in range(repeats):
+            for k, root in roots.items():
+                out = subprocess.run([sys.executable, "-c", WORKER, root, name, every, steps],
+                                     capture_output=True, text=True, check=True).stdout.split()
+                got[k].append((float(out[0]), float(out[1])))
+        t = {k: statistics.median(v[0] for v in got[k]) for k in roots}
+        r = {k: statistics.median(v[1] for v in got[k]) for k in roots}
+        print(f"| {name} every {every} | {t['A'] * 1e3:.0f} | {t['B'] * 1e3:.0f} | {t['B'] / t['A']:.2f} | "
+              f"{r['A']:.2f} | {r['B']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
