@@ -429,7 +429,8 @@ def search_ranking(table_dir: Path, runs: dict, recorded: dict | None = None, to
 def report(root, docs, quick, tables):
     """Print each table's markdown and write figures into DOCS/figures. A run whose metrics
     are not under ROOT keeps its row from DOCS/tables/TABLE.md, as an earlier report
-    recorded it (another machine or sitting ran it); its figures are not redrawn."""
+    recorded it (another machine or sitting ran it); its figures are not redrawn. So does a
+    run recorded as finished whose metrics under ROOT are of an unfinished rerun."""
     from .plot import plot_runs, plot_search
     root = Path(root) / ("quick" if quick else "")
     for table in tables or TABLES:
@@ -439,6 +440,8 @@ def report(root, docs, quick, tables):
         recorded = {} if quick else recorded_rows(Path(docs) / "tables" / f"{table}.md")
         for name, args in runs.items():
             s = summaries[name]
+            if s is not None and not summary_finished(s, args) and recorded.get(name, (None, False))[1]:
+                s = summaries[name] = None     # a rerun under way: the recorded finished row stands
             if s is None:
                 if name in recorded:
                     rows.append(recorded[name][0])

@@ -78,7 +78,8 @@ def test_seed_summary_is_the_mean_and_std_of_test_error_at_the_best_val_epoch(tm
 def test_report_keeps_recorded_rows_of_runs_that_ran_elsewhere(tmp_path):
     """A table completed over several sittings: rows recorded in DOCS/tables/T.md for runs
     whose metrics are not under ROOT are kept, and their figures enter the seed means;
-    a local run is reported from its metrics, and an unfinished recorded run is left out."""
+    a local run is reported from its metrics, and an unfinished recorded run is left out of
+    the means; a finished recorded row stands while a rerun of it is unfinished."""
     import json
     docs = tmp_path / "docs"
     (docs / "tables").mkdir(parents=True)
@@ -92,12 +93,18 @@ def test_report_keeps_recorded_rows_of_runs_that_ran_elsewhere(tmp_path):
     recs = [{"split": s, "epoch": e, "step": 10 * e, "top1": 0.89} for e in range(1, 21) for s in ("train", "test")]
     (local / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     (local / "config.json").write_text(json.dumps({"config": {"dtype": "float32", "seed": 1}, "backend": "numpy"}))
+    rerun = tmp_path / "runs" / "fmnist-gap" / "gait-ortho1"    # recorded finished, rerun here: 3 epochs so far
+    rerun.mkdir(parents=True)
+    recs = [{"split": s, "epoch": e, "step": 10 * e, "top1": 0.50} for e in range(1, 4) for s in ("train", "test")]
+    (rerun / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (rerun / "config.json").write_text(json.dumps({"config": {"dtype": "float32", "seed": 0}, "backend": "numpy"}))
     res = CliRunner().invoke(cli, ["report", "--root", str(tmp_path / "runs"), "--docs", str(docs),
                                    "--table", "fmnist-gap"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     for row in recorded:
         assert row in res.output
     assert "| bp-seed1 | 89.00 |" in res.output
+    assert "gait-ortho1 (UNFINISHED)" not in res.output          # the unfinished rerun does not replace it
     assert "- bp, final test top-1 % over 2 seeds (bp (recorded), bp-seed1): 88.00 ± 1.41 (1 unfinished)" in res.output
     assert not list((docs / "figures").glob("fmnist-gap/*/accuracy.png"))   # figures without recorded runs: not drawn
 
