@@ -19,7 +19,7 @@ float32     GP's angle to BP in float32 (difference form) against float64: at
             Fashion-MNIST batches. Target |angle32 - angle64| <= 0.1 degree.
 gemm        a BP step of conv7 in GFLOP/s (3 GEMMs per layer) against the GEMM rate.
             Target >= 60%.
-memory      peak memory of one step (tracemalloc), GP against BP on the same network.
+memory      peak memory of a step (tracemalloc, the highest of 8), GP against BP on the same network.
 data        the shard loader's images/s against the GP training step (bench/loader.py has
             the full loader benchmark).
 solver      the GP step with ``--inverse-solver refine`` against ``lu``, float32 and float64,
@@ -395,17 +395,19 @@ def bench_torch(xp, quick):
 
 
 def bench_memory(quick):
-    print("\n## 6. peak memory allocated in one step (tracemalloc), GP against BP, same square network")
+    print("\n## 6. peak memory allocated in a step (tracemalloc; the highest of 8 steps), GP against BP, same square network")
     for name, (_, batch, qbatch) in NETS.items():
         b = qbatch if quick else batch
         peaks = {}
         for rule in ("bp", "gait"):
             s = Setup(name, rule, np, np.float32, b, invertible=True)
             s.train_step()                              # Adam state allocated before measuring
-            tracemalloc.start()
-            s.train_step()
-            peaks[rule] = tracemalloc.get_traced_memory()[1]
-            tracemalloc.stop()
+            peaks[rule] = 0
+            for _ in range(2 if quick else 8):          # the highest step: a step that renews the kept
+                tracemalloc.start()                     # inverses allocates them anew
+                s.train_step()
+                peaks[rule] = max(peaks[rule], tracemalloc.get_traced_memory()[1])
+                tracemalloc.stop()
         r = peaks["gait"] / peaks["bp"]
         print(f"- {name} batch {b}: BP {peaks['bp'] / 2**20:.0f} MiB, GP {peaks['gait'] / 2**20:.0f} MiB, "
               f"ratio {r:.2f} ({'meets' if r <= 1.5 else 'MISSES'} 1.5)", flush=True)
