@@ -143,6 +143,7 @@ class RefinedInverse:
         # after a miss), so this step's errors show none of the drift the next step will add
         self.exact_now = False
         self.renewing = False          # X is renewed for the weights at every step (see operator)
+        self.retry = False             # this solve recomputes a step after a miss (see operator)
         self.v = None                  # the power iteration's unit vector(s), (D,) or (P, D)
         self.etas = []                 # the last checked solve's backward errors (check)
 
@@ -185,13 +186,18 @@ class RefinedInverse:
         self.rho = None
         self.refreshes += 1
 
-    def operator(self, W, rows: int = 0) -> "_RefinedSolve":
+    def operator(self, W, rows: int = 0, retry: bool = False) -> "_RefinedSolve":
         """The solver for this step's weights W. ``rows``: how many rows the step's solves
         have per matrix over all processes (the batch, times the output positions of a conv).
         Where that is at least D, a Newton-Schulz step costs no more than one correction
         (4 D^3 against 4 rows D^2 flops), so X is renewed for W at every step, and the
-        planned corrections start from an X at most one step's drift squared from exact."""
-        self.renewing, self.exact_now = rows >= W.shape[-1], False
+        planned corrections start from an X at most one step's drift squared from exact.
+        ``retry``: the step's targets are being computed again after a miss (this layer's or
+        another's), so X may have been made or renewed for these very weights already, and
+        what this attempt measures is no guide to the next step (see ``check``)."""
+        self.renewing, self.retry = rows >= W.shape[-1], retry
+        if not retry:                 # on a retry, keep what the miss's fresh inverse set
+            self.exact_now = False
         if self.X is None or self.X.shape != W.shape:
             self.refresh(W, K=1)
             self.exact_now = True
@@ -219,6 +225,8 @@ class RefinedInverse:
             # the fewest corrections that reached bound / 4; none did: one more than now (the
             # kept inverse only grows staler, so a residual near the bound misses it next step)
             self._planned = next((k for k, e in enumerate(etas) if e <= bound / 4), len(etas))
+            if self.retry:            # X renewed twice for these weights: keep what the miss showed
+                self._planned = max(self._planned, self.K)
             if self.exact_now and not self.renewing:         # next step, X is a step's drift away
                 self._planned = max(self._planned, max_corrections(W.dtype))
             return True

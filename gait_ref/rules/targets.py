@@ -138,7 +138,8 @@ class TargetRule:
             ops = {}
 
             def make_op(l, W):
-                ops[l] = self.refined[l].operator(W, _solve_rows(tr.ys[l], W, batch.n_total))
+                rows = _solve_rows(tr.ys[l], W, batch.n_total)
+                ops[l] = self.refined[l].operator(W, rows, retry=attempt > 0)
                 return ops[l]
             grads, info = self._recursion(tr, gy, make_op)
             layers = sorted(ops)
