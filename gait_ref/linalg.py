@@ -49,7 +49,7 @@ Measured (deep MLP, D = 1024, batch 256, GAIT-prop training step with the regula
 2-core AMD EPYC, docs/BENCHMARKS.md): float32 271 ms refine with the renewal above
 against 316 ms with the earlier policy (X kept until three corrections no longer sufficed,
 one planned after a renewal: 0.15 recomputed steps per step, now none), and 283 ms refine
-against 337 ms lu in one interleaved run; float64 1201 ms refine against 436 ms lu (the
+against 318-337 ms lu in interleaved runs; float64 961 ms refine against 428 ms lu (the
 weights move about 3e-3 relative per step, so a one-step-old inverse needs five or more
 corrections to reach float64 round-off, each two GEMMs, more than an LU).
 ``solver_for(dtype)`` therefore picks refine for float32 and lu for float64
@@ -64,9 +64,9 @@ import numpy as np
 from .backend import get_xp
 
 SOLVERS = ("auto", "refine", "lu")
-# corrections per solve at most, past which X is renewed (see settle): in float32, 2 (two more
-# GEMMs per solve on every step of the deep MLP cost more than a Newton-Schulz step every few
-# steps; measured in docs/BENCHMARKS.md); in float64, whose bound needs about (drift)^(K + 1)
+# corrections per solve at most, past which X is renewed (see settle): in float32, 2 (each
+# correction is two GEMMs of the batch's rows on every step, a Newton-Schulz renewal two
+# D x D x D GEMMs once in a while); in float64, whose bound needs about (drift)^(K + 1)
 # <= 1e-14, 5
 MAX_CORRECTIONS = {4: 2, 8: 5}
 NEWTON_FROM = 1e-2             # a kept X whose uncorrected solve was this close renews by Newton-Schulz
@@ -82,6 +82,10 @@ def backward_errors(sq: list, world: int = 1) -> list:
     # bound (the caller's error names the layer, so numpy's warning would only be noise)
     with np.errstate(invalid="ignore", divide="ignore"):
         return [0.0 if denom == 0 and r == 0 else float(np.sqrt(r) / denom) for r in r2]
+
+
+class SingularWeights(ArithmeticError):
+    """A solve proved its weights numerically singular in their dtype (``RefinedInverse.check``)."""
 
 
 def condition_lower_bound(sq: list, world: int = 1) -> float:
@@ -211,12 +215,12 @@ class RefinedInverse:
         True if the last met the bound (and the fewest corrections that met bound / 4 are
         planned for the next step); else the solver is strengthened: one more correction, or
         past ``max_corrections(dtype)`` a fresh inverse of W (the weights this step solves
-        with). ArithmeticError if the solve proves W numerically singular in its dtype
+        with). SingularWeights if the solve proves W numerically singular in its dtype
         (``condition_lower_bound`` past 1 / eps): no solver can give a meaningful x."""
         self.etas = etas = backward_errors(sq, world)
         cond, eps = condition_lower_bound(sq, world), float(np.finfo(W.dtype).eps)
         if np.isfinite(cond) and cond * eps > 1:        # non-finite: a miss, retried below
-            raise ArithmeticError(f"the weights are numerically singular in {np.dtype(W.dtype).name}: "
+            raise SingularWeights(f"the weights are numerically singular in {np.dtype(W.dtype).name}: "
                                   f"cond(W) >= {cond:.1e} > 1/eps = {1 / eps:.1e}")
         self.eta0 = etas[0]
         if len(etas) > 1 and etas[0] > 0:                             # how fast corrections contract
@@ -225,7 +229,9 @@ class RefinedInverse:
             # the fewest corrections that reached bound / 4; none did: one more than now (the
             # kept inverse only grows staler, so a residual near the bound misses it next step)
             self._planned = next((k for k, e in enumerate(etas) if e <= bound / 4), len(etas))
-            if self.retry:            # X renewed twice for these weights: keep what the miss showed
+            # a retry's X may have been made or renewed for these very weights, fresher than
+            # the next step's will be: plan at least the corrections the miss showed were needed
+            if self.retry:
                 self._planned = max(self._planned, self.K)
             if self.exact_now and not self.renewing:         # next step, X is a step's drift away
                 self._planned = max(self._planned, max_corrections(W.dtype))

@@ -13,10 +13,9 @@ from .backend import get_xp, to_device, to_numpy
 
 
 # elements per block of an elementwise update on the CPU: five float32 blocks (parameter,
-# gradient, two moments, scratch) take 1.3 MB, within a core's L2 here. Adam on the deep
-# MLP's 9.4 M parameters: 35 ms whole-array, 24 ms in blocks of 65,536 (27 and 28 ms in
-# blocks of 16,384 and 262,144; float32, one thread; a second thread gained 1-2 ms, the
-# memory bandwidth being the limit)
+# gradient, two moments, scratch) take 1.3 MB, within a core's L2. Adam on the deep MLP's
+# 9.4 M float32 parameters (``python bench/step_parts.py``, 2-core AMD EPYC): 13.4-13.8 ms
+# whole-array, 11.8-12.3 ms in blocks of 65,536
 CPU_BLOCK = 65536
 
 

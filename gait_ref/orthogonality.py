@@ -23,10 +23,10 @@ def ortho_penalty(W, form: str = "full"):
     is a 0-d array on W's device."""
     xp = get_xp(W)
     if form == "full":
-        # numpy sends W @ W.T to BLAS's syrk (half the flops). The other way, a GEMM with a
-        # copy of W^T, depends on the machine: OpenBLAS's SkylakeX kernels ran syrk slower
-        # (12.5 ms against 8.9 ms), its Haswell kernels on an AMD EPYC faster (7.3 ms against
-        # 13.9 ms, of which the transposing copy alone 6.5 ms; float32, D = 1024, 2 threads)
+        # numpy sends W @ W.T to BLAS's syrk (half the flops). Against a GEMM with a copy of
+        # W^T it depends on the machine: OpenBLAS's SkylakeX kernels ran syrk slower (12.5 ms
+        # against 8.9 ms), its Haswell kernels on a 2-core AMD EPYC faster (7.5-7.6 ms against
+        # 12.0-12.6 ms; float32, D = 1024, 2 threads, ``python bench/step_parts.py``)
         E = W @ W.T                                                 # (D, D)
         E[xp.diag_indices(E.shape[0])] -= 1                         # W W^T - I
         return (E * E).sum(), 4 * (E @ W)

@@ -56,7 +56,7 @@ import numpy as np
 
 from ..backend import get_xp, read_scalars
 from ..distributed import BatchSlice
-from ..linalg import RefinedInverse, SquareInverse, max_corrections, residual_bound, solver_for
+from ..linalg import RefinedInverse, SingularWeights, SquareInverse, max_corrections, residual_bound, solver_for
 
 MODES = ("tp", "itp", "gait")
 FORMS = ("absolute", "difference")
@@ -150,7 +150,7 @@ class TargetRule:
                 try:
                     ok.append(self.refined[l].check(sq[pos:pos + n], bound, self.net.layers[l].params["W"],
                                                     batch.comm.size))
-                except ArithmeticError as e:
+                except SingularWeights as e:
                     raise ArithmeticError(f"layer {self.net.layers[l].name}: {e}; the exact inverse does not "
                                           "exist in this dtype (try --dtype float64)") from None
                 etas[l] = self.refined[l].etas
