@@ -88,6 +88,29 @@ class SingularWeights(ArithmeticError):
     """A solve proved its weights numerically singular in their dtype (``RefinedInverse.check``)."""
 
 
+class InverseFailure(ArithmeticError):
+    """A square layer's exact inverse cannot be computed in its dtype; the message names the
+    layer. Raised by the target rules, and caught by the trainer, which stops the run with the
+    last good checkpoint kept."""
+
+
+def solve_amplifies_past(sq, cond_max: float):
+    """On the device (no read): True where a solve's ``sq`` = [w2, b2, x2] (a lower bound on
+    ||W||_2^2, ||B||^2, ||x||^2, the last two summed over processes) shows
+    ||W||_2 ||x|| / ||B|| > ``cond_max``, a lower bound on cond_2(W) (see
+    ``condition_lower_bound``) past it: the weights are (nearly) singular. A non-finite x
+    fails too (NaN compares false); B = 0 solved by x = 0 passes."""
+    w2, b2, x2 = sq[:3]
+    return ~(w2 * x2 <= b2 * w2.dtype.type(cond_max) ** 2)
+
+
+def norm_lower_bound_squared(W):
+    """A lower bound on ||W||_2^2 with no state: the largest squared norm of a row or a column
+    (of any matrix of a stack (P, D, D)), on the device. Exact for orthogonal W."""
+    W2 = W * W
+    return get_xp(W).maximum(W2.sum(axis=-1).max(), W2.sum(axis=-2).max())
+
+
 def condition_lower_bound(sq: list, world: int = 1) -> float:
     """||W||_2 ||x||_F / ||B||_F from a solve's ``sq``: at most cond_2(W) (since ||x|| <=
     ||W^-1||_2 ||B||, and the norm estimate never exceeds ||W||_2), so a value past 1 / eps
@@ -130,10 +153,16 @@ class SquareInverse:
         if W.ndim < 2 or W.shape[-1] != W.shape[-2]:
             raise ValueError(f"exact inverse needs square weights, got shape {W.shape}")
         self.W, self.xp, self.shape = W, get_xp(W), W.shape
+        self.sq = []
 
     def right_solve(self, B):
-        """X = B @ W^-1. B : (M, D) for a 2-D W, (P, M, D) for a stack.  X W = B <=> W^T X^T = B^T."""
-        return _t(self.xp.linalg.solve(_t(self.W), _t(B)))
+        """X = B @ W^-1. B : (M, D) for a 2-D W, (P, M, D) for a stack.  X W = B <=> W^T X^T = B^T.
+        ``self.sq`` becomes [a lower bound on ||W||_2^2, ||B||^2, ||X||^2], 0-d device arrays
+        (``solve_amplifies_past``): a nearly singular W gives a huge but finite X, which
+        nothing else would notice (an LU meets a tiny pivot, not always a zero one)."""
+        x = _t(self.xp.linalg.solve(_t(self.W), _t(B)))
+        self.sq = [norm_lower_bound_squared(self.W), (B * B).sum(), (x * x).sum()]
+        return x
 
 
 class RefinedInverse:

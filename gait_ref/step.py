@@ -1,16 +1,18 @@
 """One training step, on the device: forward pass -> loss and dL/dy_L -> the rule's updates
 (on BP's scale) -> summed over processes -> plus the orthogonality regulariser's gradient
-(every step, or every K steps with weight K lambda) -> finiteness checks -> the optimiser.
+(every step, or every K steps with weight K lambda) -> checks -> the optimiser.
 
 The step reads nothing from the device. It returns device scalars (the batch's summed
-loss and correct count) and one device vector of finiteness checks, which the training
+loss and correct count) and one device vector of checks (finiteness, and with
+``cond_max`` that no exact inverse shows its layer's cond(W) past it), which the training
 loop reads when it chooses (one read per step, a step late, so the host never waits for
 the device in the middle of a step). On measuring steps (``measure=True``) it also
 compares the rule's updates with BP's on the same forward pass; those are read at once
 (a measuring step is a logging step).
 
 Data parallelism is one call: every array the step sums over processes (the updates,
-the loss and correct counts, the count of non-finite outputs per layer, and on
+the loss and correct counts, the count of non-finite outputs per layer, the norms of
+every exact inverse's right-hand sides and solutions, and on
 measuring steps BP's updates and the target distances) goes through one
 ``comm.allreduce_sum``; with one process it is the identity. The regulariser depends
 only on the (replicated) weights, so it is added after the sum, once.
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 
 from .backend import get_xp, random_generator, read_scalars
 from .distributed import LOCAL, BatchSlice
+from .linalg import solve_amplifies_past
 from .metrics import compare_updates
 from .orthogonality import add_ortho_grads
 from .rules.bp import BP
@@ -43,8 +46,8 @@ class StepResult:
     loss_sum: object          # sum over the global batch of the per-sample losses, 0-d
     correct: object           # top-1 correct over the global batch, 0-d
     n: int                    # global batch size (host)
-    checks: object            # (K,) bool: True where a finiteness check passed
-    check_names: list         # what each check looked at (host)
+    checks: object            # (K,) bool: True where a check passed
+    check_names: list         # what each check's failure means, as a phrase (host)
     feedback_loss: dict = field(default_factory=dict)   # learned feedback: {layer: 0-d}
     measured: dict = field(default_factory=dict)        # measuring steps: host values
 
@@ -56,8 +59,10 @@ class StepResult:
 
 class TrainStep:
     def __init__(self, net, loss, rule, opt, *, ortho_lambda: float = 0.0, ortho_form: str = "full",
-                 ortho_every: int = 1, schedule: str = "parallel", seed: int = 0, comm=LOCAL):
+                 ortho_every: int = 1, schedule: str = "parallel", seed: int = 0, comm=LOCAL,
+                 cond_max: float | None = None):
         self.net, self.loss, self.rule, self.opt, self.comm = net, loss, rule, opt, comm
+        self.cond_max = cond_max       # exact inverses: stop where a solve shows cond(W) past it (None: no check)
         self.ortho_lambda, self.ortho_form, self.schedule, self.seed = ortho_lambda, ortho_form, schedule, seed
         self.ortho_every = int(ortho_every)
         self.bp = BP(net)
@@ -102,6 +107,9 @@ class TrainStep:
         per_sample = n_total if self.loss.reduction == "mean" else 1
         stats = [(loss * per_sample).astype(dtype), topk_correct(self.loss.logits(tr.output), y, 1).astype(dtype)]
         stats += [(~xp.isfinite(v)).sum().astype(dtype) for v in tr.ys]   # non-finite outputs per layer
+        # exact inverses: ||B||^2 and ||x||^2 of every solve, summed over processes like the rows
+        inverse = info.get("inverse_norms", {}) if self.cond_max else {}
+        stats += [v.astype(dtype) for sq in inverse.values() for v in sq[1:3]]
         keys = [(l, k) for l, g in enumerate(grads) for k in sorted(g)] if grads is not None else []
         arrays = [grads[l][k] for l, k in keys] + stats
         if measure:
@@ -112,11 +120,17 @@ class TrainStep:
         summed = self.comm.allreduce_sum(arrays)
         for (l, k), g in zip(keys, summed):
             grads[l][k] = g
-        loss_sum, correct, *y_bad = summed[len(keys):len(keys) + len(stats)]
+        loss_sum, correct, *rest = summed[len(keys):len(keys) + len(stats)]
+        y_bad, solved = rest[:len(tr.ys)], rest[len(tr.ys):]
 
         # the first layer whose output went non-finite names the cause of a non-finite loss
         checks = [b == 0 for b in y_bad] + [xp.isfinite(loss_sum)]
-        names = [f"the output of layer {layer.name}" for layer in net.layers] + ["the loss"]
+        names = [f"the output of layer {layer.name} is not finite" for layer in net.layers] + ["the loss is not finite"]
+        # a (nearly) singular square layer: its solve is finite but huge (linalg.solve_amplifies_past)
+        for i, (name, sq) in enumerate(inverse.items()):
+            checks.append(~solve_amplifies_past([sq[0].astype(dtype), *solved[2 * i:2 * i + 2]], self.cond_max))
+            names.append(f"layer {name}'s exact inverse amplifies by more than cond_max = {self.cond_max:g}, "
+                         "so its weights are (nearly) singular")
         measured = self._measure(tr, grads, bp_grads, summed[len(keys) + len(stats):], keys, batch) if measure else {}
         if measure and "solve_residual" in info:
             measured["solve_residual"] = info["solve_residual"]
@@ -128,11 +142,11 @@ class TrainStep:
                 add_ortho_grads(net, grads, self.ortho_lambda * self.ortho_every, self.ortho_form)
             flat = {f"{net.layers[l].name}.{k}": grads[l][k] for l, k in keys}
             checks += [xp.isfinite(g).all() for g in flat.values()]
-            names += [f"the update of {name}" for name in flat]
+            names += [f"the update of {name} is not finite" for name in flat]
             self.opt.step(net.parameters(), flat)
         params = self.parameters()
         checks += [xp.isfinite(p).all() for p in params.values()]
-        names += [f"the weights {name} after the step" for name in params]
+        names += [f"the weights {name} after the step is not finite" for name in params]
         return StepResult(loss_sum, correct, n_total, xp.stack(checks), names, fb_loss, measured)
 
     def _measure(self, tr, grads, bp_grads, rest, keys, batch) -> dict:

@@ -35,6 +35,7 @@ from .checkpoint import restore_params
 from .config import TARGET_RULES, Config
 from .data import BatchLoader, load_task
 from .distributed import LOCAL
+from .linalg import InverseFailure
 from .losses import make_loss
 from .optim import SGD, Adam
 from .orthogonality import orthogonality_report
@@ -122,7 +123,7 @@ class Trainer:
                             eps_placement=cfg.adam_eps_placement)
         self.step_fn = TrainStep(self.net, self.loss, self.rule, self.opt, ortho_lambda=cfg.ortho_lambda,
                                  ortho_form=cfg.ortho_form, ortho_every=cfg.ortho_every, schedule=cfg.schedule,
-                                 seed=cfg.seed, comm=comm)
+                                 seed=cfg.seed, comm=comm, cond_max=cfg.cond_max)
         self.step, self.epoch, self.batch = 0, 0, 0
         self.pending_eval = False          # a checkpoint saved at an epoch's end, before its evaluation
         self.saved_once = False
@@ -275,7 +276,7 @@ class Trainer:
             ok = to_numpy(result.checks)
         failed = result.first_failure(ok)
         if failed:
-            self._diverged(f"step {step_no}: {failed} is not finite")
+            self._diverged(f"step {step_no}: {failed}")
 
     def _diverged(self, msg: str):
         self.check_conditioning()          # a singular square layer is the usual cause: name it
@@ -357,9 +358,9 @@ class Trainer:
                 self.save()
                 last = self._flush_train() or last
                 self._log_eval(last)
-        except (DivergenceError, np.linalg.LinAlgError) as e:
+        except (DivergenceError, np.linalg.LinAlgError, InverseFailure) as e:
             msg = str(e) if isinstance(e, DivergenceError) else f"step {self.step}: {e}"
-            if isinstance(e, np.linalg.LinAlgError):
+            if not isinstance(e, DivergenceError):       # the condition number, if it says more
                 try:
                     self.check_conditioning()
                 except DivergenceError as d:

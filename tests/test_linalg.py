@@ -278,3 +278,61 @@ def test_a_fresh_inverse_after_misses_plans_for_the_next_steps_drift(xp):
     x = refined_solve(state, W, rand(rng, (8, D), xp, np.float64))
     assert state.refreshes == 2 and state.K == max_corrections(np.float64)
     assert np.all(np.isfinite(asnumpy(x)))
+
+
+@pytest.mark.parametrize("solver,dtype", [("lu", np.float64), ("lu", np.float32), ("refine", np.float64)])
+def test_the_step_flags_a_nearly_singular_layer_by_name(xp, solver, dtype):
+    """A layer with two (in float64, almost) equal columns: the solver returns a huge but finite
+    x, which no finiteness check notices (the LU meets a tiny pivot, not a zero one; float64
+    refinement converges, cond about 1e8 being well within 1/eps). The training step's checks
+    bound cond(W) from below with each solve's norms and name the layer; the same step on the
+    healthy network passes every check. (Refinement in float32 refuses such a layer at once:
+    test_the_rule_names_a_singular_layer.)"""
+    from gait_ref.activations import Identity, LeakyReLU
+    from gait_ref.layers import Dense
+    from gait_ref.losses import SoftmaxCrossEntropy
+    from gait_ref.network import Network
+    from gait_ref.optim import Adam
+    from gait_ref.step import TrainStep
+    rng = np.random.default_rng(5)
+    net = Network([Dense((12,), 12, name=f"l{i}") for i in range(3)], [LeakyReLU()] * 2 + [Identity()])
+    net.init(0, "orthogonal", xp, dtype)
+    x = xp.asarray(rng.standard_normal((6, 12)).astype(dtype))
+    y = xp.asarray(rng.integers(0, 12, 6))
+
+    def step():
+        rule = make_rule("gait", net, inverse_solver=solver)
+        res = TrainStep(net, SoftmaxCrossEntropy(12), rule, Adam(lr=1e-4), cond_max=1e6)(x, y, step=1, epoch=0)
+        return res, asnumpy(res.checks)
+    res, ok = step()
+    assert ok.all(), res.first_failure(ok)
+    W = net.layers[1].params["W"]
+    W[:, 1] = W[:, 0] + (1e-8 if dtype == np.float64 else 0) * W[:, 1]      # cond about 1.4e8, or singular
+    with np.errstate(all="ignore"):
+        res, ok = step()
+    assert res.first_failure(ok).startswith("layer l1's exact inverse amplifies by more than cond_max = 1e+06"), \
+        res.first_failure(ok)
+
+
+def test_a_singular_layer_stops_training_by_name_and_keeps_the_last_good_checkpoint(tmp_path):
+    """Through the trainer, for the float32 default (refine, which refuses the solve at once)
+    and the float64 default (lu, which the step's check stops): a layer made singular after
+    step 2 ends the run with the layer named, and the checkpoint of step 2 stands."""
+    from gait_ref.checkpoint import load_latest
+    from gait_ref.config import Config
+    from gait_ref.train import DivergenceError, Trainer
+    for dtype in ("float32", "float64"):
+        out = tmp_path / dtype
+        t = Trainer(Config(task="synthetic", rule="gait", dtype=dtype, max_steps=6, checkpoint_every=1, quiet=True,
+                           out=str(out)))
+
+        def break_layer(step, logged):
+            if step == 2:
+                W = t.net.layers[1].params["W"]
+                W[:, 1] = W[:, 0]
+        with np.errstate(all="ignore"), pytest.raises(DivergenceError) as err:
+            t.run(on_step=break_layer)
+        msg = str(err.value)
+        assert "step 3" in msg and f"layer {t.net.layers[1].name}" in msg and "singular" in msg, msg
+        assert "the last good checkpoint is kept" in msg, msg
+        assert load_latest(out / "last.h5")[2]["step"] == 2, dtype

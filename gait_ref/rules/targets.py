@@ -56,7 +56,8 @@ import numpy as np
 
 from ..backend import get_xp, read_scalars
 from ..distributed import BatchSlice
-from ..linalg import RefinedInverse, SingularWeights, SquareInverse, max_corrections, residual_bound, solver_for
+from ..linalg import (InverseFailure, RefinedInverse, SingularWeights, SquareInverse, max_corrections, residual_bound,
+                      solver_for)
 
 MODES = ("tp", "itp", "gait")
 FORMS = ("absolute", "difference")
@@ -129,9 +130,24 @@ class TargetRule:
         factorisation is alive at a time, and nothing is read from the device. ``refine``:
         every solve's backward error is checked against ``residual_bound`` with one read
         for the whole recursion (summed over processes, so every process decides alike); if a
-        layer missed it, that layer's solver is strengthened and the recursion runs again."""
+        layer missed it, that layer's solver is strengthened and the recursion runs again.
+        Both leave ``info["inverse_norms"]``: per square layer, the device scalars that bound
+        cond(W) from below (``linalg.solve_amplifies_past``), which the training step checks
+        with its finiteness checks (a nearly singular W makes a huge but finite x). A layer
+        whose inverse cannot be computed raises ``InverseFailure`` naming it."""
         if solver_for(self.solver, gy.dtype) == "lu":
-            return self._recursion(tr, gy, lambda l, W: SquareInverse(W))
+            ops = {}
+
+            def fresh_op(l, W):
+                ops[l] = SquareInverse(W)
+                return ops[l]
+            try:
+                grads, info = self._recursion(tr, gy, fresh_op)
+            except np.linalg.LinAlgError as e:         # numpy's LU met an exactly zero pivot
+                raise InverseFailure(f"layer {self.net.layers[max(ops)].name}: {e}; the weights are singular"
+                                     ) from None
+            info["inverse_norms"] = {self.net.layers[l].name: ops[l].sq for l in sorted(ops)}
+            return grads, info
         batch = BatchSlice.whole(gy.shape[0]) if batch is None else batch
         bound = residual_bound(gy.dtype)
         for attempt in range(2 + max_corrections(gy.dtype)):    # corrections added, then fresh inverses
@@ -151,8 +167,9 @@ class TargetRule:
                     ok.append(self.refined[l].check(sq[pos:pos + n], bound, self.net.layers[l].params["W"],
                                                     batch.comm.size))
                 except SingularWeights as e:
-                    raise ArithmeticError(f"layer {self.net.layers[l].name}: {e}; the exact inverse does not "
-                                          "exist in this dtype (try --dtype float64)") from None
+                    hint = " (try --dtype float64)" if np.dtype(gy.dtype) == np.float32 else ""
+                    raise InverseFailure(f"layer {self.net.layers[l].name}: {e}; the exact inverse does not "
+                                         f"exist in this dtype{hint}") from None
                 etas[l] = self.refined[l].etas
                 pos += n
             self.stats["recursions"] += 1
@@ -163,10 +180,11 @@ class TargetRule:
                 for l in layers:
                     self.refined[l].settle(self.net.layers[l].params["W"])
                 info["solve_residual"] = {self.net.layers[l].name: etas[l][-1] for l in layers}
+                info["inverse_norms"] = {self.net.layers[l].name: ops[l].sq[:3] for l in layers}
                 return grads, info
         last = {l: e[-1] for l, e in etas.items()}
         worst = max(last, key=last.get)
-        raise ArithmeticError(f"layer {self.net.layers[worst].name}: the exact inverse reaches a backward error "
+        raise InverseFailure(f"layer {self.net.layers[worst].name}: the exact inverse reaches a backward error "
                               f"of {last[worst]:.2e}, not the {bound:.1e} required, even from a fresh inverse (the "
                               "layer is too ill-conditioned for this dtype, about 1/eps; try --dtype float64)")
 
