@@ -1,12 +1,13 @@
-"""The GP training step of two checkouts of gait_ref, interleaved (A, B, A, B), each timing in
-its own process so that neither imports the other's code. Prints ms per step and the
-refinement's recomputed steps per step.
+"""The training step of two checkouts of gait_ref, interleaved (A, B, A, B), each timing in
+its own process so that neither imports the other's code. Prints ms per step and, for
+GAIT-prop, the refinement's recomputed steps per step.
 
     git worktree add /tmp/old <commit>
     python bench/ab_versions.py /tmp/old . [--case mlp-deep:1:20 --case conv7-64px:1:12] [--repeats 3]
 
-A case is network:ortho_every:steps (networks as in bench/perf.py, float32, the paper's
-settings, three warm-up steps first).
+A case is network:ortho_every:steps[:rule] (networks as in bench/perf.py, float32, the
+paper's settings, three warm-up steps first); rule is gait (the default), bp (the ordinary
+network) or bp-square (BP on GAIT-prop's square network).
 """
 from __future__ import annotations
 
@@ -24,8 +25,10 @@ root = sys.argv[1]
 sys.path[:0] = [root + "/bench", root]
 import numpy as np
 import perf
-name, every, steps = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-s = perf.Setup(name, "gait", np, np.float32, perf.NETS[name][1], ortho_every=every)
+name, every, steps, rule = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+s = perf.Setup(name, rule.replace("-square", ""), np, np.float32, perf.NETS[name][1], ortho_every=every,
+               invertible=True if rule.endswith("-square") else None)
+s.rule.stats = getattr(s.rule, "stats", {"recursions": 0, "steps": 0})
 for _ in range(3):
     s.train_step()
 st0 = dict(s.rule.stats)
@@ -51,16 +54,16 @@ def main(a, b, cases, repeats):
     print("| case | A ms | B ms | B/A | A recomputed/step | B recomputed/step |")
     print("|---|---|---|---|---|---|")
     for case in cases:
-        name, every, steps = case.split(":")
+        name, every, steps, rule = (case + ":gait").split(":")[:4]
         got = {k: [] for k in roots}
         for _ in range(repeats):
             for k, root in roots.items():
-                out = subprocess.run([sys.executable, "-c", WORKER, root, name, every, steps],
+                out = subprocess.run([sys.executable, "-c", WORKER, root, name, every, steps, rule],
                                      capture_output=True, text=True, check=True).stdout.split()
                 got[k].append((float(out[0]), float(out[1])))
         t = {k: statistics.median(v[0] for v in got[k]) for k in roots}
         r = {k: statistics.median(v[1] for v in got[k]) for k in roots}
-        print(f"| {name} every {every} | {t['A'] * 1e3:.0f} | {t['B'] * 1e3:.0f} | {t['B'] / t['A']:.2f} | "
+        print(f"| {name} {rule} every {every} | {t['A'] * 1e3:.0f} | {t['B'] * 1e3:.0f} | {t['B'] / t['A']:.2f} | "
               f"{r['A']:.2f} | {r['B']:.2f} |", flush=True)
 
 

@@ -335,8 +335,23 @@ def _torch_step(name, s, torch):
 
 
 def _time_one(which, name, dtype, batch, steps) -> float:
-    """Seconds per GP training step of gait_ref or of the torch port (run in its own process)."""
+    """Seconds per GP training step of gait_ref or of the torch port (``which``: ours, torch), or
+    per BP forward + backward (ours-bp, torch-bp; -square: on GAIT-prop's square network), each
+    run in its own process."""
     dt = np.dtype(dtype)
+    if "-bp" in which:
+        s = Setup(name, "bp", np, dt, batch, invertible=which.endswith("-square"))
+        if which.startswith("ours"):
+            fn = s.updates
+        else:
+            import torch
+            torch.set_num_threads(os.cpu_count() or 1)
+            fn = _torch_step(name, s, torch)
+        fn()
+        t = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        return (time.perf_counter() - t) / steps
     s = Setup(name, "gait", np, dt, batch)
     if which == "ours":
         fn = s.train_step
@@ -384,14 +399,23 @@ def bench_torch(xp, quick):
                 extra = f"; torch's updates = gait_ref's to {check_against(s.net, s.x, s.y, s.loss.n_classes, s.updates()):.1e}"
             print(f"- {name} batch {b} {dtype}: GP gait_ref {t['ours'] * 1e3:.0f} ms, torch {t['torch'] * 1e3:.0f} ms, "
                   f"ratio {r:.2f} ({'meets' if r <= 1.0 else 'MISSES'} 1.0){extra}", flush=True)
-    torch.set_num_threads(os.cpu_count() or 1)
+    peak = gemm_rate(xp)
     for name, (_, batch, qbatch) in NETS.items():
         b = qbatch if quick else batch
-        s = Setup(name, "bp", np, np.float32, b, invertible=False)
-        ours = timed(s.updates, np, repeats=2 if quick else 5)
-        theirs = timed(_torch_step(name, s, torch), np, repeats=2 if quick else 5)
-        print(f"- {name} batch {b} float32 BP (forward + backward, ordinary net, one process): gait_ref "
-              f"{ours * 1e3:.0f} ms, torch {theirs * 1e3:.0f} ms, ratio {ours / theirs:.2f}", flush=True)
+        for net in ("ordinary", "square"):
+            runs = {"ours": [], "torch": []}
+            for _ in range(2 if quick else 3):
+                for which in runs:
+                    out = subprocess.run([sys.executable, __file__, "--time-one",
+                                          f"{which}-bp" + ("-square" if net == "square" else ""), name, "float32",
+                                          str(b), str(2 if quick else 10)], capture_output=True, text=True, check=True)
+                    runs[which].append(float(out.stdout.split()[-1]))
+            t = {k: float(np.median(v)) for k, v in runs.items()}
+            fl = bp_flops(Setup(name, "bp", np, np.float32, b, invertible=net == "square").net, b)
+            eff = {k: f"{100 * fl / v / 1e9 / peak:.0f}%" for k, v in t.items()}
+            print(f"- {name} batch {b} float32 BP (forward + backward, {net} net, separate processes): gait_ref "
+                  f"{t['ours'] * 1e3:.0f} ms ({eff['ours']} of GEMM), torch {t['torch'] * 1e3:.0f} ms "
+                  f"({eff['torch']}), ratio {t['ours'] / t['torch']:.2f}; GEMM {peak:.0f} GFLOP/s", flush=True)
 
 
 def bench_memory(quick):
