@@ -48,6 +48,7 @@ from common import timed  # noqa: E402
 
 from gait_ref.architectures import build  # noqa: E402
 from gait_ref.backend import get_backend, synchronize, to_device, to_numpy  # noqa: E402
+from gait_ref.hostmem import keep_freed_memory  # noqa: E402
 from gait_ref.losses import SoftmaxCrossEntropy  # noqa: E402
 from gait_ref.metrics import compare_updates  # noqa: E402
 from gait_ref.optim import Adam  # noqa: E402
@@ -84,7 +85,10 @@ PAPER = {"mlp-deep": dict(lr=1.9e-5, beta2=0.999, eps=1e-6, lam=100.0),      # t
 class Setup:
     """A network on real images with a rule, and its training step (the library's own)."""
 
-    def __init__(self, name, rule, xp, dtype, batch, seed=0, invertible=None, ortho_every=1, solver="auto"):
+    def __init__(self, name, rule, xp, dtype, batch, seed=0, invertible=None, ortho_every=1, solver="auto",
+                 keep_memory=True):
+        if keep_memory:                # as the trainer does (gait_ref.hostmem); bench/host_memory.py compares
+            keep_freed_memory()
         arch = NETS[name][0]
         rng = np.random.default_rng(seed)
         x, y, K = real_batch(name, batch, rng)

@@ -35,6 +35,8 @@ from .checkpoint import restore_params
 from .config import TARGET_RULES, Config
 from .data import BatchLoader, load_task
 from .distributed import LOCAL
+from .hostmem import describe as describe_host_memory
+from .hostmem import keep_freed_memory
 from .linalg import InverseFailure
 from .losses import make_loss
 from .optim import SGD, Adam
@@ -66,6 +68,7 @@ def blas_info() -> list:
 
 class Trainer:
     def __init__(self, cfg: Config, comm=LOCAL):
+        keep_freed_memory()                 # each step reuses the last step's host memory (gait_ref.hostmem)
         self.cfg = cfg = cfg.resolved()
         self.comm = comm
         self.xp = comm.bind(get_backend(cfg.backend), run_dir=cfg.out)
@@ -237,7 +240,8 @@ class Trainer:
         info = {"config": self.cfg.to_dict(), "gait_ref": __version__, "python": platform.python_version(),
                 "numpy": np.__version__, "backend": backend_name(xp), "data_source": self.data.source,
                 "n_classes": self.data.n_classes, "in_shape": list(self.train_loader.in_shape),
-                "world_size": self.comm.size, "blas": blas_info(), "network": self.net.describe().splitlines()}
+                "world_size": self.comm.size, "blas": blas_info(), "host_malloc": describe_host_memory(),
+                "network": self.net.describe().splitlines()}
         if backend_name(xp) != "numpy":
             info["cupy"] = xp.__version__
         self.out.write_config(info, changes, self.step)
