@@ -11,13 +11,14 @@ network) or bp-square (BP on GAIT-prop's square network).
 """
 from __future__ import annotations
 
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import click
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import alternating_processes  # noqa: E402
 
 WORKER = """
 import sys, time
@@ -55,14 +56,10 @@ def main(a, b, cases, repeats):
     print("|---|---|---|---|---|---|")
     for case in cases:
         name, every, steps, rule = (case + ":gait").split(":")[:4]
-        got = {k: [] for k in roots}
-        for _ in range(repeats):
-            for k, root in roots.items():
-                out = subprocess.run([sys.executable, "-c", WORKER, root, name, every, steps, rule],
-                                     capture_output=True, text=True, check=True).stdout.split()
-                got[k].append((float(out[0]), float(out[1])))
-        t = {k: statistics.median(v[0] for v in got[k]) for k in roots}
-        r = {k: statistics.median(v[1] for v in got[k]) for k in roots}
+        med = alternating_processes({k: [WORKER, root, name, every, steps, rule] for k, root in roots.items()},
+                                    repeats)
+        t = {k: v[0] for k, v in med.items()}
+        r = {k: v[1] for k, v in med.items()}
         print(f"| {name} {rule} every {every} | {t['A'] * 1e3:.0f} | {t['B'] * 1e3:.0f} | {t['B'] / t['A']:.2f} | "
               f"{r['A']:.2f} | {r['B']:.2f} |", flush=True)
 

@@ -43,6 +43,42 @@ def timed(fn, xp, repeats=3, warmup=1):
     return float(np.median(times))
 
 
+def blas_line() -> str:
+    """Which BLAS libraries and thread counts this process runs, for a benchmark's first line."""
+    from gait_ref.train import blas_info
+    return "BLAS: " + "; ".join(f"{d['internal_api']} {d['version']} ({d['architecture']}) {d['num_threads']} threads"
+                                for d in blas_info())
+
+
+def interleaved_ms(fns: dict, repeats: int) -> dict:
+    """Median milliseconds per call of each function, timed A, B, A, B ... after one warm-up
+    call each (host timing: for the CPU only)."""
+    times = {k: [] for k in fns}
+    for f in fns.values():
+        f()
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    return {k: 1e3 * float(np.median(v)) for k, v in times.items()}
+
+
+def alternating_processes(argvs: dict, repeats: int) -> dict:
+    """Run each ``python -c`` argument list of ``argvs`` in a fresh process, alternating
+    (A, B, A, B ...) ``repeats`` times; each prints numbers on its last line. Returns, per key,
+    the median of each printed number."""
+    import statistics
+    import subprocess
+    import sys
+    got = {k: [] for k in argvs}
+    for _ in range(repeats):
+        for k, argv in argvs.items():
+            out = subprocess.run([sys.executable, "-c", *argv], capture_output=True, text=True, check=True)
+            got[k].append([float(v) for v in out.stdout.split()])
+    return {k: [statistics.median(col) for col in zip(*v)] for k, v in got.items()}
+
+
 def rule_step(net, x, y, loss, rule_name, seed=0):
     """A closure computing one step's updates (forward, loss, rule), no optimiser."""
     rule = make_rule(rule_name, net, seed=seed)

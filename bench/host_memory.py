@@ -10,14 +10,15 @@ step on conv7 (batch 64) and on the deep MLP (batch 256).
 """
 from __future__ import annotations
 
-import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 import click
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from common import alternating_processes, blas_line  # noqa: E402
+
 WORKER = """
 import resource, sys, time
 sys.path[:0] = [sys.argv[1] + "/bench", sys.argv[1]]
@@ -44,21 +45,14 @@ CASES = [("conv7-64px", "bp", "ordinary", 64, 30), ("conv7-64px", "bp", "square"
 @click.command()
 @click.option("--repeats", default=3, show_default=True)
 def main(repeats):
-    sys.path.insert(0, str(ROOT))
-    from gait_ref.train import blas_info
-    print("BLAS: " + "; ".join(f"{d['internal_api']} {d['version']} ({d['architecture']}) {d['num_threads']} threads"
-                               for d in blas_info()))
+    print(blas_line())
     print("| case | default ms | kept ms | kept/default | default faults/step | kept faults/step |")
     print("|---|---|---|---|---|---|")
     for name, rule, net, batch, steps in CASES:
-        got = {"default": [], "kept": []}
-        for _ in range(repeats):
-            for mode in got:
-                out = subprocess.run([sys.executable, "-c", WORKER, str(ROOT), mode, name, rule, net, str(batch),
-                                      str(steps)], capture_output=True, text=True, check=True).stdout.split()
-                got[mode].append((float(out[0]), float(out[1])))
-        t = {k: statistics.median(v[0] for v in got[k]) for k in got}
-        f = {k: statistics.median(v[1] for v in got[k]) for k in got}
+        med = alternating_processes({mode: [WORKER, str(ROOT), mode, name, rule, net, str(batch), str(steps)]
+                                     for mode in ("default", "kept")}, repeats)
+        t = {k: v[0] for k, v in med.items()}
+        f = {k: v[1] for k, v in med.items()}
         print(f"| {name} {rule} {net} batch {batch} | {t['default'] * 1e3:.1f} | {t['kept'] * 1e3:.1f} | "
               f"{t['kept'] / t['default']:.2f} | {f['default']:.0f} | {f['kept']:.0f} |", flush=True)
 

@@ -32,7 +32,7 @@ import numpy as np
 import scipy.linalg as sl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gait_ref.train import blas_info  # noqa: E402
+from common import blas_line, interleaved_ms  # noqa: E402
 
 
 def _near_orthogonal(rng, D, dtype):
@@ -40,24 +40,10 @@ def _near_orthogonal(rng, D, dtype):
     return (Q + 1e-2 * rng.standard_normal((D, D)) / np.sqrt(D)).astype(dtype)
 
 
-def _interleaved(fns: dict, repeats: int) -> dict:
-    """Median milliseconds per call of each function, timed A, B, A, B ... after one warm-up."""
-    times = {k: [] for k in fns}
-    for f in fns.values():
-        f()
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
-    return {k: 1e3 * float(np.median(v)) for k, v in times.items()}
-
-
 @click.command()
 @click.option("--repeats", default=7, show_default=True)
 def main(repeats):
-    print("BLAS: " + "; ".join(f"{d['internal_api']} {d['version']} ({d['architecture']}) {d['num_threads']} threads"
-                               for d in blas_info()))
+    print(blas_line())
     print("| D | rows | dtype | numpy solve | scipy LU | scipy LU after a GEMM | GEMM | Newton-Schulz | "
           "LU + verifying GEMM (best LU) | refine K = 1 | refine K = 2 |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -79,7 +65,7 @@ def main(repeats):
                           {"scipy LU": scipy_lu},
                           {"GEMM then scipy LU": lambda: (B @ X, scipy_lu())}):
                 time.sleep(0.5)
-                ms.update(_interleaved(group, repeats))
+                ms.update(interleaved_ms(group, repeats))
             contended = ms["GEMM then scipy LU"] - ms["GEMM"]
             best_lu = min(ms["numpy solve"], ms["scipy LU"])
             print(f"| {D} | {rows} | {dt.__name__} | {ms['numpy solve']:.1f} | {ms['scipy LU']:.1f} | {contended:.1f} | "

@@ -351,15 +351,11 @@ def _time_one(which, name, dtype, batch, steps) -> float:
             import torch
             torch.set_num_threads(os.cpu_count() or 1)
             fn = _torch_step(name, s, torch)
-        fn()
-        t = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        return (time.perf_counter() - t) / steps
-    s = Setup(name, "gait", np, dt, batch)
-    if which == "ours":
+    elif which == "ours":
+        s = Setup(name, "gait", np, dt, batch)
         fn = s.train_step
     else:
+        s = Setup(name, "gait", np, dt, batch)
         import torch
         from torch_gp import TorchGP
         torch.set_num_threads(os.cpu_count() or 1)

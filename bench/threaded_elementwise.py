@@ -8,7 +8,6 @@ conv7's first im2col (batch 64, 64 px, C = 3, K = 9, S = 2) or a leaky ReLU on a
 from __future__ import annotations
 
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,15 +15,14 @@ import click
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import blas_line, interleaved_ms  # noqa: E402
 from gait_ref.im2col import ConvGeometry, im2col  # noqa: E402
-from gait_ref.train import blas_info  # noqa: E402
 
 
 @click.command()
 @click.option("--repeats", default=20, show_default=True)
 def main(repeats):
-    print("BLAS: " + "; ".join(f"{d['internal_api']} {d['version']} ({d['architecture']}) {d['num_threads']} threads"
-                               for d in blas_info()))
+    print(blas_line())
     pool = ThreadPoolExecutor(2)
     rng = np.random.default_rng(0)
     x = rng.random((64, 64, 64, 3), dtype=np.float32).transpose(0, 3, 1, 2)     # channels-last, as in the step
@@ -45,16 +43,8 @@ def main(repeats):
            "GEMM + im2col, two threads": lambda: (A @ W, halves(lambda sl: im2col(x[sl], g))),
            "GEMM + leaky ReLU, one thread": lambda: (A @ W, np.maximum(h, h * a)),
            "GEMM + leaky ReLU, two threads": lambda: (A @ W, act_halves())}
-    times = {k: [] for k in fns}
-    for f in fns.values():
-        f()
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
-    for k, v in times.items():
-        print(f"- {k}: {1e3 * float(np.median(v)):.2f} ms")
+    for k, ms in interleaved_ms(fns, repeats).items():
+        print(f"- {k}: {ms:.2f} ms")
 
 
 if __name__ == "__main__":

@@ -336,3 +336,17 @@ def test_a_singular_layer_stops_training_by_name_and_keeps_the_last_good_checkpo
         assert "step 3" in msg and f"layer {t.net.layers[1].name}" in msg and "singular" in msg, msg
         assert "the last good checkpoint is kept" in msg, msg
         assert load_latest(out / "last.h5")[2]["step"] == 2, dtype
+
+
+def test_an_exactly_singular_layer_under_lu_is_named():
+    """numpy's LU meets an exactly zero pivot (a zero column) and raises; the rule names the
+    layer whose solve failed, l1, not the square layer above it that solved first."""
+    from gait_ref.activations import Identity, LeakyReLU
+    from gait_ref.layers import Dense
+    from gait_ref.linalg import InverseFailure
+    from gait_ref.network import Network
+    net = Network([Dense((12,), 12, name=f"l{i}") for i in range(3)], [LeakyReLU()] * 2 + [Identity()])
+    tr, gy, _ = setup(net, np, 2, dtype=np.float64)
+    net.layers[1].params["W"][:, 1] = 0
+    with pytest.raises(InverseFailure, match="^layer l1: "):
+        make_rule("gait", net, inverse_solver="lu").compute(tr, gy)

@@ -144,7 +144,8 @@ class TargetRule:
             try:
                 grads, info = self._recursion(tr, gy, fresh_op)
             except np.linalg.LinAlgError as e:         # numpy's LU met an exactly zero pivot
-                raise InverseFailure(f"layer {self.net.layers[max(ops)].name}: {e}; the weights are singular"
+                # the recursion runs top down: the solve that failed is the lowest layer reached
+                raise InverseFailure(f"layer {self.net.layers[min(ops)].name}: {e}; the weights are singular"
                                      ) from None
             info["inverse_norms"] = {self.net.layers[l].name: ops[l].sq for l in sorted(ops)}
             return grads, info
