@@ -28,13 +28,16 @@ threads steal the cores the other needed (a GEMM then an LU: 42 ms alternating a
   and the host reads the device once per step.
 
   How X is kept (``RefinedInverse.operator``, ``settle``): where a step's solves have at
-  least D rows per matrix, a Newton-Schulz step X (2 I - W X) costs no more than one
-  correction, so X is renewed for this step's W at every step and the corrections start
-  from an X only one step's drift squared from exact. Elsewhere X is kept, and renewed
-  (Newton-Schulz where it is close, else a fresh inverse) when the planned corrections pass
-  ``max_corrections(dtype)``; after a renewal the plan is that maximum, not one, because the
-  next step's W is a step's drift away again (planning one made a miss, and a recomputation
-  of the whole step's targets, at every renewal once the weights moved steadily).
+  least D rows per matrix, X is a fresh inverse of this step's W, made at every step: it
+  costs 2 D^3 flops (at LAPACK's slower rate), less than the one correction (4 rows D^2) that
+  a Newton-Schulz renewal X (2 I - W X) would still need, because the float32 Newton product
+  leaves a backward error of about 2-3e-6, above the plan's bound / 4, where a fresh inverse
+  leaves 3e-7 and needs none (conv7, ``python bench/renewal.py``). Elsewhere X is kept, and
+  renewed (Newton-Schulz where it is close, else a fresh inverse) when the planned
+  corrections pass ``max_corrections(dtype)``; after a renewal the plan is that maximum, not
+  one, because the next step's W is a step's drift away again (planning one made a miss, and
+  a recomputation of the whole step's targets, at every renewal once the weights moved
+  steadily).
 
 Why the backward error and not the relative residual ||r||_F / ||B||_F: a backward-stable
 solve leaves a relative residual of about eps x cond(W), so a bound on it cannot be met in
@@ -207,7 +210,7 @@ class RefinedInverse:
         rho < 1/2, or the last uncorrected solve was within ``NEWTON_FROM`` of exact); else
         a fresh inverse. ``K``: the corrections to apply from now on (None: unchanged)."""
         xp = get_xp(W)
-        close = self.rho is not None and (self.rho < 0.5 or self.eta0 < NEWTON_FROM)
+        close = (self.rho is not None and self.rho < 0.5) or (self.eta0 is not None and self.eta0 < NEWTON_FROM)
         if newton and self.X is not None and close and self.X.shape == W.shape:
             T = -(W @ self.X)                                        # -W X
             T[..., xp.arange(T.shape[-1]), xp.arange(T.shape[-1])] += 2   # 2 I - W X
@@ -222,10 +225,9 @@ class RefinedInverse:
     def operator(self, W, rows: int = 0, retry: bool = False) -> "_RefinedSolve":
         """The solver for this step's weights W. ``rows``: how many rows the step's solves
         have per matrix over all processes (the batch, times the output positions of a conv).
-        Where that is at least D, a Newton-Schulz step costs no more than one correction
-        (4 D^3 against 4 rows D^2 flops), so X is renewed for W at every step, and the
-        planned corrections start from an X at most one step's drift squared from exact.
-        ``retry``: the step's targets are being computed again after a miss (this layer's or
+        Where that is at least D, X is a fresh inverse of W at every step, which costs less
+        than the one correction a Newton-Schulz renewal would still need (see the module
+        docstring), so the planned corrections are none. ``retry``: the step's targets are being computed again after a miss (this layer's or
         another's), so X may have been made or renewed for these very weights already, and
         what this attempt measures is no guide to the next step (see ``check``)."""
         self.renewing, self.retry = rows >= W.shape[-1], retry
@@ -235,7 +237,7 @@ class RefinedInverse:
             self.refresh(W, K=1)
             self.exact_now = True
         elif self.renewing:
-            self.refresh(W, newton=True)
+            self.refresh(W)
         return _RefinedSolve(self, W)
 
     def check(self, sq: list, bound: float, W, world: int = 1) -> bool:

@@ -40,8 +40,8 @@ def refined_solve(state, W, B):
 
 
 def test_renewed_and_kept_inverses_resume_exactly(xp):
-    """Solves with as many rows as columns (X renewed at every step by Newton-Schulz, chosen by
-    what the last step measured) and with fewer (X kept and corrected): a state saved
+    """Solves with as many rows as columns (X a fresh inverse at every step) and with fewer
+    (X kept, corrected, and renewed by Newton-Schulz or afresh): a state saved
     mid-way and loaded into a new solver continues bit for bit."""
     rng = np.random.default_rng(7)
     D = 24
@@ -255,6 +255,30 @@ def test_steady_drift_costs_no_recomputation():
             warm = dict(rule.stats)
     assert rule.stats["recursions"] - warm["recursions"] == rule.stats["steps"] - warm["steps"] == 27
     assert sum(r.refreshes for r in rule.refined) > 2 * 6           # the inverses were renewed
+
+
+def test_a_renewing_layer_solves_with_a_fresh_inverse_and_no_correction(xp):
+    """A layer whose solves have at least D rows takes a fresh inverse of each step's W and
+    plans no correction, step after step, even after a step that needed one (the first, whose
+    plan starts at one). Before, a layer whose corrections had once been measured renewed X by
+    Newton-Schulz from then on, which in float32 leaves a backward error above the plan's
+    bound / 4, so it kept one correction (two more GEMMs of rows x D x D) at every step."""
+    rng = np.random.default_rng(11)
+    D = 48
+    W0 = np.linalg.qr(rng.standard_normal((D, D)))[0]
+    bound = residual_bound(np.float32)
+    state = RefinedInverse()
+    plans = []
+    for t in range(10):
+        W = xp.asarray((W0 + 3e-3 * t * rng.standard_normal((D, D)) / np.sqrt(D)).astype(np.float32))
+        B = rand(rng, (2 * D, D), xp, np.float32)
+        op = state.operator(W, rows=2 * D)
+        x = op.right_solve(B)
+        assert state.check([float(v) for v in op.sq], bound, W)       # met at the first attempt
+        state.settle(W)
+        plans.append(state.K)
+        np.testing.assert_allclose(asnumpy(x @ W), asnumpy(B), atol=1e-4)
+    assert plans[1:] == [0] * 9, plans
 
 
 def test_solver_choice():
