@@ -2,6 +2,8 @@
 OpenBLAS's threads spin on the other core. Times a GEMM (4096 x 600 x 600, float32) followed by
 conv7's first im2col (batch 64, 64 px, C = 3, K = 9, S = 2) or a leaky ReLU on a
 (64, 216, 16, 16) map, each done in one thread or in two halves on two threads, interleaved.
+The im2col is split two ways: two separate column matrices (what a step cannot use: the GEMM
+needs one), and the two halves copied by ``numpy.copyto`` into one preallocated matrix.
 
     python bench/threaded_elementwise.py [--repeats 20]
 """
@@ -34,13 +36,26 @@ def main(repeats):
     def halves(f):
         list(pool.map(f, (slice(0, 32), slice(32, 64))))
 
+    def im2col_one_matrix():
+        """The two halves of the window copy written into one column matrix (as the step needs)."""
+        t, b, l, r = g.pads
+        xt = np.pad(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), ((0, 0), (t, b), (l, r), (0, 0)))
+        sN, sH, sW, sC = xt.strides
+        win = np.lib.stride_tricks.as_strided(xt, shape=(64, g.Ho, g.Wo, g.K, g.K, g.C),
+                                              strides=(sN, g.S * sH, g.S * sW, sH, sW, sC))
+        out = np.empty(win.shape, dtype=x.dtype)
+        halves(lambda sl: np.copyto(out[sl], win[sl]))
+        return out.reshape(-1, g.D)
+
     def act_halves():
         out = np.empty_like(h)
         halves(lambda sl: np.maximum(h[sl], h[sl] * a, out=out[sl]))
 
+    np.testing.assert_array_equal(im2col_one_matrix(), im2col(x, g))
     fns = {"GEMM": lambda: A @ W,
            "GEMM + im2col, one thread": lambda: (A @ W, im2col(x, g)),
-           "GEMM + im2col, two threads": lambda: (A @ W, halves(lambda sl: im2col(x[sl], g))),
+           "GEMM + im2col, two threads, two matrices": lambda: (A @ W, halves(lambda sl: im2col(x[sl], g))),
+           "GEMM + im2col, two threads, one matrix": lambda: (A @ W, im2col_one_matrix()),
            "GEMM + leaky ReLU, one thread": lambda: (A @ W, np.maximum(h, h * a)),
            "GEMM + leaky ReLU, two threads": lambda: (A @ W, act_halves())}
     for k, ms in interleaved_ms(fns, repeats).items():

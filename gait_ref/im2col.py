@@ -10,8 +10,9 @@ Column layout: ``cols[n * Ho * Wo + oy * Wo + ox, (ky * K + kx) * C + c]`` is
 matrix whose rows run over (ky, kx, c), TensorFlow's [K, K, C_in, C_out] order.
 
 im2col copies one strided window view of the padded input; col2im, its adjoint, is
-written as K*K ``+=`` over strided slices (Chainer's ``utils/conv.py`` pattern): no
-``add.at``, deterministic, and identical on numpy and cupy.
+written as K*K ``+=`` over strided slices, each clipped to the image (Chainer's
+``utils/conv.py`` pattern, without its padded buffer): no ``add.at``, deterministic, and
+identical on numpy and cupy.
 """
 from __future__ import annotations
 
@@ -94,6 +95,24 @@ class ConvGeometry:
         return np.outer(count(self.H, self.Ho, t), count(self.W, self.Wo, l))
 
 
+def _padded_channels_last(x, g: ConvGeometry):
+    """x : (N, C, H, W) -> (N, H + t + b, W + l + r, C): channels last, zero borders, one copy
+    (none without padding where x already has channels-last memory). Only the borders are
+    zeroed; ``numpy.pad`` would do the same with more Python around it."""
+    xp = get_xp(x)
+    t, b, l, r = g.pads
+    if not (t or b or l or r):
+        return xp.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    N = x.shape[0]
+    xt = xp.empty((N, g.H + t + b, g.W + l + r, g.C), dtype=x.dtype)
+    xt[:, :t] = 0
+    xt[:, t + g.H:] = 0
+    xt[:, t:t + g.H, :l] = 0
+    xt[:, t:t + g.H, l + g.W:] = 0
+    xt[:, t:t + g.H, l:l + g.W] = x.transpose(0, 2, 3, 1)
+    return xt
+
+
 def im2col(x, g: ConvGeometry):
     """x : (N, C, H, W) -> cols : (N * Ho * Wo, D). A new array.
 
@@ -103,31 +122,40 @@ def im2col(x, g: ConvGeometry):
     """
     xp = get_xp(x)
     N = x.shape[0]
-    t, b, l, r = g.pads
-    xt = xp.ascontiguousarray(x.transpose(0, 2, 3, 1))           # (N, H, W, C)
-    if t or b or l or r:
-        xt = xp.pad(xt, ((0, 0), (t, b), (l, r), (0, 0)))         # (N, H+t+b, W+l+r, C)
+    xt = _padded_channels_last(x, g)                               # (N, H+t+b, W+l+r, C)
     sN, sH, sW, sC = xt.strides
     win = xp.lib.stride_tricks.as_strided(                         # (N, Ho, Wo, K, K, C) view
         xt, shape=(N, g.Ho, g.Wo, g.K, g.K, g.C), strides=(sN, g.S * sH, g.S * sW, sH, sW, sC))
     return xp.ascontiguousarray(win).reshape(N * g.Ho * g.Wo, g.D)   # (N*Ho*Wo, D)
 
 
+def _reach(k: int, size: int, n_out: int, S: int, pad: int) -> tuple[int, int, int]:
+    """Along one axis, the output positions o whose kernel tap k reads an input pixel (not
+    padding): 0 <= o S + k - pad < size. Returns (first o, how many, the first one's pixel)."""
+    first = max(0, -((k - pad) // S))                               # ceil((pad - k) / S)
+    last = min(n_out - 1, (size - 1 + pad - k) // S)
+    return first, last - first + 1, first * S + k - pad
+
+
 def col2im(cols, g: ConvGeometry, N: int):
     """The exact adjoint of im2col: cols : (N * Ho * Wo, D) -> x : (N, C, H, W).
 
-    Each patch entry is summed back onto the pixel it was read from. A new array, NCHW-shaped
-    with channels-last memory (as ``rows_to_nchw``), so the next GEMM reads it without a copy.
+    Each patch entry is summed back onto the pixel it was read from; entries read from the
+    padding are dropped (each tap's slice is clipped to the image, so there is no padded
+    buffer to crop). A new array, NCHW-shaped with channels-last memory (as
+    ``rows_to_nchw``), so the next GEMM reads it without a copy.
     """
     xp = get_xp(cols)
-    t, b, l, r = g.pads
+    t, _, l, _ = g.pads
     c6 = cols.reshape(N, g.Ho, g.Wo, g.K, g.K, g.C)
-    xt = xp.zeros((N, g.H + t + b, g.W + l + r, g.C), dtype=cols.dtype)
-    ye, xe = g.S * (g.Ho - 1) + 1, g.S * (g.Wo - 1) + 1
-    for ky in range(g.K):
-        for kx in range(g.K):
-            xt[:, ky:ky + ye:g.S, kx:kx + xe:g.S, :] += c6[:, :, :, ky, kx, :]
-    xt = xp.ascontiguousarray(xt[:, t:t + g.H, l:l + g.W, :])     # crop the padding: (N, H, W, C)
+    xt = xp.zeros((N, g.H, g.W, g.C), dtype=cols.dtype)
+    along_y = [_reach(k, g.H, g.Ho, g.S, t) for k in range(g.K)]
+    along_x = [_reach(k, g.W, g.Wo, g.S, l) for k in range(g.K)]
+    for ky, (oy, ny, y0) in enumerate(along_y):
+        for kx, (ox, nx, x0) in enumerate(along_x):
+            if ny > 0 and nx > 0:
+                xt[:, y0:y0 + (ny - 1) * g.S + 1:g.S, x0:x0 + (nx - 1) * g.S + 1:g.S] += \
+                    c6[:, oy:oy + ny, ox:ox + nx, ky, kx]
     return xt.transpose(0, 3, 1, 2)                                # (N, C, H, W), channels-last memory
 
 

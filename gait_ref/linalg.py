@@ -114,6 +114,16 @@ def norm_lower_bound_squared(W):
     return get_xp(W).maximum(W2.sum(axis=-1).max(), W2.sum(axis=-2).max())
 
 
+def squared_norm(a):
+    """||a||_F^2 as a device scalar: one BLAS dot product of a with itself, with no temporary.
+    On numpy it runs on every BLAS thread: 0.20 ms against 0.84 ms for ``(a * a).sum()`` on a
+    16384 x 216 float32 matrix (conv7's conv2 solve at batch 64, 2 cores). BLAS sums in the
+    array's dtype, with several partial sums: 1.8e-5 relative there in float32 (the pairwise
+    ``sum`` 5e-8), ample for a backward error tested against 64 eps with a margin of 4."""
+    flat = a.ravel(order="K")                # a view of an array contiguous in any order
+    return flat @ flat
+
+
 def condition_lower_bound(sq: list, world: int = 1) -> float:
     """||W||_2 ||x||_F / ||B||_F from a solve's ``sq``: at most cond_2(W) (since ||x|| <=
     ||W^-1||_2 ||B||, and the norm estimate never exceeds ||W||_2), so a value past 1 / eps
@@ -164,7 +174,7 @@ class SquareInverse:
         (``solve_amplifies_past``): a nearly singular W gives a huge but finite X, which
         nothing else would notice (an LU meets a tiny pivot, not always a zero one)."""
         x = _t(self.xp.linalg.solve(_t(self.W), _t(B)))
-        self.sq = [norm_lower_bound_squared(self.W), (B * B).sum(), (x * x).sum()]
+        self.sq = [norm_lower_bound_squared(self.W), squared_norm(B), squared_norm(x)]
         return x
 
 
@@ -321,10 +331,10 @@ class _RefinedSolve:
         X, W = self.state.X, self.W
         x = B @ X                                                    # (.., M, D)
         r = B - x @ W
-        r2 = [(r * r).sum()]
+        r2 = [squared_norm(r)]
         for _ in range(self.state.K):
             x = x + r @ X
             r = B - x @ W
-            r2.append((r * r).sum())
-        self.sq = [self.state.norm_squared(W), (B * B).sum(), (x * x).sum()] + r2
+            r2.append(squared_norm(r))
+        self.sq = [self.state.norm_squared(W), squared_norm(B), squared_norm(x)] + r2
         return x

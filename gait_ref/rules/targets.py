@@ -69,6 +69,13 @@ def _per_sample(v, like):
     return v.reshape((-1,) + (1,) * (like.ndim - 1))
 
 
+def _squared_norms(d):
+    """(N, ...) -> (N,): each sample's squared norm, read through strides (d is often the live
+    channels of a layer's output, a view that ``reshape`` would copy)."""
+    axes = "abcdefgh"[:d.ndim - 1]
+    return get_xp(d).einsum(f"n{axes},n{axes}->n", d, d)
+
+
 def _solve_rows(y, W, n_total: int) -> int:
     """Rows per matrix of the solves through W over the whole batch of ``n_total`` samples:
     a sample's output units y[0] over the D x D matrices' total width (positions of a conv,
@@ -102,13 +109,13 @@ class TargetRule:
         self.stats = {"steps": 0, "recursions": 0, "solves": 0, "corrections": 0}   # refine, for benchmarks
 
     # ---- the incremental factor ------------------------------------------------------------
-    def _gamma(self, d, size: int):
+    def _gamma(self, d, dist, size: int):
         """gamma_l: a float (vanilla) or an (N,) array (normalized, scaling paper eq. 5);
-        ``size`` is D_l, all units of the layer (auxiliary ones included)."""
+        ``dist`` is (N,) ||d_{l,n}||, ``size`` is D_l, all units of the layer (auxiliary ones
+        included)."""
         if self.gamma_mode == "vanilla":
             return self.gamma
         xp = get_xp(d)
-        dist = xp.sqrt((d.reshape(d.shape[0], -1) ** 2).sum(axis=1))          # (N,) ||d_{l,n}||
         denom = dist * dist if self.norm == "squared" else dist
         num = self.gamma * (math.sqrt(size) if self.sqrt_dim else 1.0)
         safe = xp.where(denom > 0, denom, 1)
@@ -239,10 +246,11 @@ class TargetRule:
             y, fp, d = live(tr.ys[l]), f.deriv(live(tr.hs[l])), live(d)
             # eq. 18: dW_l = y_{l-1}^T ((y_l - t_l) * f'(h_l)), times s_l (eq. 21)
             grads[l] = layer.param_grads(full((-d) * fp * _per_sample(s, d)), tr.caches[l])
-            dist[l] = xp.sqrt((d.reshape(d.shape[0], -1) ** 2).sum(axis=1)).mean()   # 0-d, on the device
+            dn = xp.sqrt(_squared_norms(d))                                 # (N,) ||d_{l,n}||
+            dist[l] = dn.mean()                                              # 0-d, on the device
             if l == 0:
                 break
-            gamma = self._gamma(d, tr.ys[l][0].size)
+            gamma = self._gamma(d, dn, tr.ys[l][0].size)
             eps = self._eps(gamma, fp)
             op = make_op(l, layer.params["W"])
             if self.form == "difference":
