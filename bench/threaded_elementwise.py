@@ -4,8 +4,11 @@ conv7's first im2col (batch 64, 64 px, C = 3, K = 9, S = 2) or a leaky ReLU on a
 (64, 216, 16, 16) map, each done in one thread or in two halves on two threads, interleaved.
 The im2col is split two ways: two separate column matrices (what a step cannot use: the GEMM
 needs one), and the two halves copied by ``numpy.copyto`` into one preallocated matrix.
+With glibc's default malloc settings the big outputs are page-faulted in at every call,
+and faulting in parallel is what two threads gained; with the trainer's setting
+(``gait_ref.hostmem.keep_freed_memory``, the default here) that gain is gone.
 
-    python bench/threaded_elementwise.py [--repeats 20]
+    python bench/threaded_elementwise.py [--repeats 20] [--default-malloc]
 """
 from __future__ import annotations
 
@@ -18,13 +21,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import blas_line, interleaved_ms  # noqa: E402
+from gait_ref.hostmem import describe, keep_freed_memory  # noqa: E402
 from gait_ref.im2col import ConvGeometry, im2col  # noqa: E402
 
 
 @click.command()
 @click.option("--repeats", default=20, show_default=True)
-def main(repeats):
-    print(blas_line())
+@click.option("--default-malloc", is_flag=True, help="glibc's defaults, not the trainer's kept memory")
+def main(repeats, default_malloc):
+    if not default_malloc:
+        keep_freed_memory()
+    print(blas_line() + f"; host memory: {'glibc defaults' if default_malloc else describe()}")
     pool = ThreadPoolExecutor(2)
     rng = np.random.default_rng(0)
     x = rng.random((64, 64, 64, 3), dtype=np.float32).transpose(0, 3, 1, 2)     # channels-last, as in the step
