@@ -1,5 +1,6 @@
-"""How the refine solver keeps X for a layer whose solves have at least D rows: a fresh inverse of
+"""How the refine solver keeps X. For a layer whose solves have at least D rows: a fresh inverse of
 each step's W (the policy), against a Newton-Schulz renewal X (2 I - W X) of the last step's X.
+For the others: when to renew.
 
 1. One matrix, D = 216 .. 1000 float32 (conv7's and the deep MLP's sizes): the time of
    ``numpy.linalg.inv`` and of the two Newton-Schulz GEMMs, interleaved.
@@ -7,6 +8,10 @@ each step's W (the policy), against a Newton-Schulz renewal X (2 I - W X) of the
    settings, two networks from the same seed, one per policy, stepped alternately: ms per step,
    corrections per solve and recomputed steps per step, and each renewing layer's backward
    error before any correction (eta_0) and planned corrections at the end.
+3. For the layers with fewer rows than D, whose X is kept: renewals priced at D / rows
+   corrections (the policy, ``RefinedInverse.settle``) against a renewal as soon as the plan
+   passes the maximum, on conv7 and on the deep MLP: the same figures, and each kept layer's
+   renewals per step.
 
     python bench/renewal.py [--steps 12] [--repeats 3]
 """
@@ -29,7 +34,7 @@ from gait_ref.linalg import RefinedInverse  # noqa: E402
 def _newton_operator(self, W, rows=0, retry=False):
     """RefinedInverse.operator with the alternative policy: renewing layers renew X by Newton-Schulz."""
     was_renewing = rows >= W.shape[-1]
-    op = RefinedInverse.operator(self, W, 0, retry)          # rows 0: keeps X, renews nothing
+    op = RefinedInverse.operator(self, W, 0 if was_renewing else rows, retry)   # 0: keeps X, renews nothing
     self.renewing = was_renewing
     if was_renewing and not self.exact_now:
         self.refresh(W, newton=True)
@@ -51,21 +56,23 @@ def _matrix_times(repeats):
         print(f"- D = {D}: numpy.linalg.inv {ms['inv']:.2f}, Newton-Schulz (2 GEMMs) {ms['newton']:.2f}")
 
 
-@click.command()
-@click.option("--steps", default=12, show_default=True, help="training steps per timed block")
-@click.option("--repeats", default=3, show_default=True, help="timed blocks per policy, interleaved")
-def main(steps, repeats):
-    print(blas_line())
-    _matrix_times(20)
-    print(f"\n## 2. conv7 64 px, batch 64, float32, GP training steps ({repeats} interleaved blocks of {steps})")
-    runs = {"fresh inverse (the policy)": Setup("conv7-64px", "gait", np, np.float32, 64, solver="refine"),
-            "Newton-Schulz renewal": Setup("conv7-64px", "gait", np, np.float32, 64, solver="refine")}
-    for r in runs["Newton-Schulz renewal"].rule.refined:
-        r.operator = types.MethodType(_newton_operator, r)
-    for s in runs.values():                     # warm-up: the first steps make every X
+def _unpriced_operator(self, W, rows=0, retry=False):
+    """RefinedInverse.operator with renewals unpriced: a kept X is renewed as soon as the plan
+    passes the maximum (the policy before renewals were priced)."""
+    op = RefinedInverse.operator(self, W, rows, retry)
+    if not self.renewing:
+        self.rows = 0
+    return op
+
+
+def _compare(title, runs, steps, repeats):
+    """Step each Setup of ``runs`` alternately, ``repeats`` blocks of ``steps`` after 3 warm-up
+    steps; print ms per step and the refinement's statistics."""
+    print(f"\n## {title} ({repeats} interleaved blocks of {steps} steps)")
+    for s in runs.values():
         for _ in range(3):
             s.train_step()
-    start = {k: dict(s.rule.stats) for k, s in runs.items()}
+    start = {k: (dict(s.rule.stats), [r.refreshes for r in s.rule.refined]) for k, s in runs.items()}
     times = {k: [] for k in runs}
     for _ in range(repeats):
         for k, s in runs.items():
@@ -74,15 +81,40 @@ def main(steps, repeats):
                 s.train_step()
             times[k].append((time.perf_counter() - t) / steps)
     for k, s in runs.items():
-        st, s0 = s.rule.stats, start[k]
+        (s0, r0), st = start[k], s.rule.stats
         n, solves = st["steps"] - s0["steps"], st["solves"] - s0["solves"]
-        layers = [(l.name, r) for l, r in zip(s.net.layers, s.rule.refined) if r.renewing]
+        kept = [(l.name, r, r.refreshes - a) for l, r, a in zip(s.net.layers, s.rule.refined, r0)
+                if r.X is not None and not r.renewing]
         print(f"- {k}: {1e3 * float(np.median(times[k])):.0f} ms per step (blocks: "
               f"{', '.join(f'{1e3 * t:.0f}' for t in times[k])}); "
               f"{(st['corrections'] - s0['corrections']) / solves:.2f} corrections per solve, "
               f"{(st['recursions'] - s0['recursions'] - n) / n:.2f} recomputed steps per step")
-        print("  renewing layers, eta_0 and planned corrections at the end: "
-              + ", ".join(f"{name} {r.etas[0]:.1e} K={r.K}" for name, r in layers))
+        renewing = [(l.name, r) for l, r in zip(s.net.layers, s.rule.refined) if r.renewing]
+        if renewing:
+            print("  layers renewed at every step, eta_0 and planned corrections at the end: "
+                  + ", ".join(f"{name} {r.etas[0]:.1e} K={r.K}" for name, r in renewing))
+        if kept:
+            print("  layers with a kept X, renewals per step: "
+                  + ", ".join(f"{name} {m / n:.2f}" for name, _, m in kept))
+
+
+@click.command()
+@click.option("--steps", default=12, show_default=True, help="training steps per timed block")
+@click.option("--repeats", default=3, show_default=True, help="timed blocks per policy, interleaved")
+def main(steps, repeats):
+    print(blas_line())
+    _matrix_times(20)
+    runs = {"fresh inverse (the policy)": Setup("conv7-64px", "gait", np, np.float32, 64, solver="refine"),
+            "Newton-Schulz renewal": Setup("conv7-64px", "gait", np, np.float32, 64, solver="refine")}
+    for r in runs["Newton-Schulz renewal"].rule.refined:
+        r.operator = types.MethodType(_newton_operator, r)
+    _compare("2. layers with at least D rows: conv7 64 px, batch 64, float32, GP training steps", runs, steps, repeats)
+    for name, batch in (("conv7-64px", 64), ("mlp-deep", 256)):
+        runs = {"renewals priced (the policy)": Setup(name, "gait", np, np.float32, batch, solver="refine"),
+                "renewed at the maximum": Setup(name, "gait", np, np.float32, batch, solver="refine")}
+        for r in runs["renewed at the maximum"].rule.refined:
+            r.operator = types.MethodType(_unpriced_operator, r)
+        _compare(f"3. when to renew a kept X: {name}, batch {batch}, float32, GP training steps", runs, steps, repeats)
 
 
 if __name__ == "__main__":
