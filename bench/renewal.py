@@ -1,6 +1,5 @@
-"""How the refine solver keeps X. For a layer whose solves have at least D rows: a fresh inverse of
+"""How the refine solver keeps X for a layer whose solves have at least D rows: a fresh inverse of
 each step's W (the policy), against a Newton-Schulz renewal X (2 I - W X) of the last step's X.
-For the others: when to renew.
 
 1. One matrix, D = 216 .. 1000 float32 (conv7's and the deep MLP's sizes): the time of
    ``numpy.linalg.inv`` and of the two Newton-Schulz GEMMs, interleaved.
@@ -8,10 +7,10 @@ For the others: when to renew.
    settings, two networks from the same seed, one per policy, stepped alternately: ms per step,
    corrections per solve and recomputed steps per step, and each renewing layer's backward
    error before any correction (eta_0) and planned corrections at the end.
-3. For the layers with fewer rows than D, whose X is kept: renewals priced at D / rows
-   corrections (the policy, ``RefinedInverse.settle``) against a renewal as soon as the plan
-   passes the maximum, on conv7 and on the deep MLP: the same figures, and each kept layer's
-   renewals per step.
+   For the layers with fewer rows than D, whose X is kept and renewed when the plan passes
+   the maximum, their renewals per step. (A renewal priced at D / rows corrections, a ski
+   rental, was tried with a section 3 here at commit 799830c and reverted: within noise,
+   docs/bench-renewal-priced.txt.)
 
     python bench/renewal.py [--steps 12] [--repeats 3]
 """
@@ -34,7 +33,7 @@ from gait_ref.linalg import RefinedInverse  # noqa: E402
 def _newton_operator(self, W, rows=0, retry=False):
     """RefinedInverse.operator with the alternative policy: renewing layers renew X by Newton-Schulz."""
     was_renewing = rows >= W.shape[-1]
-    op = RefinedInverse.operator(self, W, 0 if was_renewing else rows, retry)   # 0: keeps X, renews nothing
+    op = RefinedInverse.operator(self, W, 0, retry)          # rows 0: keeps X, renews nothing
     self.renewing = was_renewing
     if was_renewing and not self.exact_now:
         self.refresh(W, newton=True)
@@ -54,15 +53,6 @@ def _matrix_times(repeats):
             return X @ T
         ms = interleaved_ms({"inv": lambda: np.linalg.inv(W), "newton": newton}, repeats)
         print(f"- D = {D}: numpy.linalg.inv {ms['inv']:.2f}, Newton-Schulz (2 GEMMs) {ms['newton']:.2f}")
-
-
-def _unpriced_operator(self, W, rows=0, retry=False):
-    """RefinedInverse.operator with renewals unpriced: a kept X is renewed as soon as the plan
-    passes the maximum (the policy before renewals were priced)."""
-    op = RefinedInverse.operator(self, W, rows, retry)
-    if not self.renewing:
-        self.rows = 0
-    return op
 
 
 def _compare(title, runs, steps, repeats):
@@ -109,12 +99,6 @@ def main(steps, repeats):
     for r in runs["Newton-Schulz renewal"].rule.refined:
         r.operator = types.MethodType(_newton_operator, r)
     _compare("2. layers with at least D rows: conv7 64 px, batch 64, float32, GP training steps", runs, steps, repeats)
-    for name, batch in (("conv7-64px", 64), ("mlp-deep", 256)):
-        runs = {"renewals priced (the policy)": Setup(name, "gait", np, np.float32, batch, solver="refine"),
-                "renewed at the maximum": Setup(name, "gait", np, np.float32, batch, solver="refine")}
-        for r in runs["renewed at the maximum"].rule.refined:
-            r.operator = types.MethodType(_unpriced_operator, r)
-        _compare(f"3. when to renew a kept X: {name}, batch {batch}, float32, GP training steps", runs, steps, repeats)
 
 
 if __name__ == "__main__":

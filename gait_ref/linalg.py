@@ -192,8 +192,6 @@ class RefinedInverse:
         self.retry = False             # this solve recomputes a step after a miss (see operator)
         self.v = None                  # the power iteration's unit vector(s), (D,) or (P, D)
         self.etas = []                 # the last checked solve's backward errors (check)
-        self.rows = 0                  # rows per matrix of this step's solves (operator)
-        self.extra = 0                 # corrections planned past the maximum since X was renewed (settle)
 
     def norm_squared(self, W):
         """||W||_2^2 estimated on the device (0-d, no read): one step of power iteration on
@@ -231,7 +229,7 @@ class RefinedInverse:
             self.X = xp.linalg.inv(W)
         if K is not None:
             self.K = K
-        self.rho, self.extra = None, 0
+        self.rho = None
         self.refreshes += 1
 
     def operator(self, W, rows: int = 0, retry: bool = False) -> "_RefinedSolve":
@@ -239,12 +237,9 @@ class RefinedInverse:
         have per matrix over all processes (the batch, times the output positions of a conv).
         Where that is at least D, X is a fresh inverse of W at every step, which costs less
         than the one correction a Newton-Schulz renewal would still need (see the module
-        docstring), so the planned corrections are none. Elsewhere ``rows`` prices a renewal
-        (``settle``). ``retry``: the step's targets are being computed again after a miss
-        (this layer's or another's), so X may have been made or renewed for these very
-        weights already, and what this attempt measures is no guide to the next step (see
-        ``check``)."""
-        self.rows = rows
+        docstring), so the planned corrections are none. ``retry``: the step's targets are being computed again after a miss (this layer's or
+        another's), so X may have been made or renewed for these very weights already, and
+        what this attempt measures is no guide to the next step (see ``check``)."""
         self.renewing, self.retry = rows >= W.shape[-1], retry
         if not retry:                 # on a retry, keep what the miss's fresh inverse set
             self.exact_now = False
@@ -292,36 +287,21 @@ class RefinedInverse:
 
     def settle(self, W) -> None:
         """The step succeeded on every layer: use the planned number of corrections. Past
-        ``max_corrections(dtype)`` X is renewed (Newton-Schulz where it is close), from the
-        weights W of this step for the next step's weights, with that maximum planned: one
-        step's drift from exact again, which takes that many corrections, not one (a plan of
-        one correction after a renewal missed the bound at the next step whenever the weights
-        moved steadily, and every miss costs a recomputation of the step's targets).
-
-        When to renew is a ski rental: a renewal costs two D x D x D GEMMs, a correction two
-        rows x D x D, so a renewal is worth D / rows corrections. The corrections planned past
-        the maximum are paid step by step until they add up to that price (or the plan
-        reaches twice the maximum); then X is renewed. Where rows are few against D (conv7's
-        dense output: 64 rows, D = 1000, a renewal worth 16 corrections) this renews several
-        times less often. Where rows are unknown (0) it renews as soon as the plan passes the
-        maximum, as before (``python bench/renewal.py``)."""
-        if self._planned is None:
-            return
-        self.K, self._planned = self._planned, None
-        most = max_corrections(W.dtype)
-        if self.K <= most:
-            return
-        self.extra += self.K - most
-        price = W.shape[-1] / self.rows if self.rows else 0.0
-        if self.extra >= price or self.K >= 2 * most:
-            self.refresh(W, newton=True, K=most)
+        ``max_corrections(dtype)``, X is renewed instead (Newton-Schulz where it is close), from
+        the weights W of this step for the next step's weights: one step's drift from exact
+        again, which takes that many corrections, not one (a plan of one
+        correction after a renewal missed the bound at the next step whenever the weights
+        moved steadily, and every miss costs a recomputation of the step's targets)."""
+        if self._planned is not None:
+            self.K, self._planned = self._planned, None
+            if self.K > max_corrections(W.dtype):
+                self.refresh(W, newton=True, K=max_corrections(W.dtype))
 
     def state_dict(self, prefix: str) -> dict:
         from .backend import to_numpy
         if self.X is None:
             return {}
-        state = {f"{prefix}X": to_numpy(self.X), f"{prefix}K": np.array(self.K),
-                 f"{prefix}extra": np.array(self.extra)}
+        state = {f"{prefix}X": to_numpy(self.X), f"{prefix}K": np.array(self.K)}
         if self.v is not None:
             state[f"{prefix}v"] = to_numpy(self.v)
         if self.rho is not None:                     # what the next renewal reads (refresh)
@@ -332,7 +312,6 @@ class RefinedInverse:
         from .backend import to_device
         if f"{prefix}X" in state:
             self.X, self.K = to_device(state[f"{prefix}X"], xp), int(state[f"{prefix}K"])
-            self.extra = int(state[f"{prefix}extra"]) if f"{prefix}extra" in state else 0   # absent before renewals were priced
         if f"{prefix}v" in state:                    # absent in checkpoints from before the bound used it
             self.v = to_device(state[f"{prefix}v"], xp)
         if f"{prefix}rho" in state:                  # absent before X was renewed at every step
