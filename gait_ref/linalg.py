@@ -31,8 +31,8 @@ threads steal the cores the other needed (a GEMM then an LU: 42 ms alternating a
   least D rows per matrix, X is a fresh inverse of this step's W, made at every step: it
   costs 2 D^3 flops (at LAPACK's slower rate), less than the one correction (4 rows D^2) that
   a Newton-Schulz renewal X (2 I - W X) would still need, because the float32 Newton product
-  leaves a backward error of about 2-3e-6, above the plan's bound / 4, where a fresh inverse
-  leaves 3e-7 and needs none (conv7, ``python bench/renewal.py``). Elsewhere X is kept, and
+  leaves a backward error of 2.8e-6 to 1.1e-5, above the plan's bound / 4, where a fresh
+  inverse leaves about 3e-7 and needs none (conv7, ``python bench/renewal.py``). Elsewhere X is kept, and
   renewed (Newton-Schulz where it is close, else a fresh inverse) when the planned
   corrections pass ``max_corrections(dtype)``; after a renewal the plan is that maximum, not
   one, because the next step's W is a step's drift away again (planning one made a miss, and
@@ -116,10 +116,10 @@ def norm_lower_bound_squared(W):
 
 def squared_norm(a):
     """||a||_F^2 as a device scalar: one BLAS dot product of a with itself, with no temporary.
-    On numpy it runs on every BLAS thread: 0.20 ms against 0.84 ms for ``(a * a).sum()`` on a
-    16384 x 216 float32 matrix (conv7's conv2 solve at batch 64, 2 cores). BLAS sums in the
-    array's dtype, with several partial sums: 1.8e-5 relative there in float32 (the pairwise
-    ``sum`` 5e-8), ample for a backward error tested against 64 eps with a margin of 4."""
+    On numpy it runs on every BLAS thread: 0.28 ms against 0.90 ms for ``(a * a).sum()`` on a
+    16384 x 216 float32 matrix (conv7's conv2 solve at batch 64, 2 cores, ``python
+    bench/step_parts.py``). BLAS sums in the array's dtype, with several partial sums:
+    1.8e-5 relative there in float32 (the pairwise ``sum`` 4.8e-8), ample for a backward error tested against 64 eps with a margin of 4."""
     flat = a.ravel(order="K")                # a view of an array contiguous in any order
     return flat @ flat
 
@@ -220,7 +220,8 @@ class RefinedInverse:
         rho < 1/2, or the last uncorrected solve was within ``NEWTON_FROM`` of exact); else
         a fresh inverse. ``K``: the corrections to apply from now on (None: unchanged)."""
         xp = get_xp(W)
-        close = (self.rho is not None and self.rho < 0.5) or (self.eta0 is not None and self.eta0 < NEWTON_FROM)
+        close = ((self.rho is not None and self.rho < 0.5)
+                 or (self.eta0 is not None and self.eta0 < NEWTON_FROM))
         if newton and self.X is not None and close and self.X.shape == W.shape:
             T = -(W @ self.X)                                        # -W X
             T[..., xp.arange(T.shape[-1]), xp.arange(T.shape[-1])] += 2   # 2 I - W X
@@ -237,9 +238,10 @@ class RefinedInverse:
         have per matrix over all processes (the batch, times the output positions of a conv).
         Where that is at least D, X is a fresh inverse of W at every step, which costs less
         than the one correction a Newton-Schulz renewal would still need (see the module
-        docstring), so the planned corrections are none. ``retry``: the step's targets are being computed again after a miss (this layer's or
-        another's), so X may have been made or renewed for these very weights already, and
-        what this attempt measures is no guide to the next step (see ``check``)."""
+        docstring), so the planned corrections are none. ``retry``: the step's targets are
+        being computed again after a miss (this layer's or another's), so X may have been made
+        or renewed for these very weights already, and what this attempt measures is no guide
+        to the next step (see ``check``)."""
         self.renewing, self.retry = rows >= W.shape[-1], retry
         if not retry:                 # on a retry, keep what the miss's fresh inverse set
             self.exact_now = False
