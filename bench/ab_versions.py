@@ -56,7 +56,7 @@ def main(a, b, cases, repeats):
     print("|---|---|---|---|---|---|")
     for case in cases:
         name, every, steps, rule = (case + ":gait").split(":")[:4]
-        med = alternating_processes({k: [WORKER, root, name, every, steps, rule] for k, root in roots.items()},
+        med = alternating_processes({k: ["-c", WORKER, root, name, every, steps, rule] for k, root in roots.items()},
                                     repeats)
         t = {k: v[0] for k, v in med.items()}
         r = {k: v[1] for k, v in med.items()}

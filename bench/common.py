@@ -65,17 +65,17 @@ def interleaved_ms(fns: dict, repeats: int) -> dict:
 
 
 def alternating_processes(argvs: dict, repeats: int) -> dict:
-    """Run each ``python -c`` argument list of ``argvs`` in a fresh process, alternating
-    (A, B, A, B ...) ``repeats`` times; each prints numbers on its last line. Returns, per key,
-    the median of each printed number."""
+    """Run ``python`` with each argument list of ``argvs`` (a script and its arguments, or
+    ``-c`` and code) in a fresh process, alternating (A, B, A, B ...) ``repeats`` times; each
+    prints numbers on its last line. Returns, per key, the median of each printed number."""
     import statistics
     import subprocess
     import sys
     got = {k: [] for k in argvs}
     for _ in range(repeats):
         for k, argv in argvs.items():
-            out = subprocess.run([sys.executable, "-c", *argv], capture_output=True, text=True, check=True)
-            got[k].append([float(v) for v in out.stdout.split()])
+            out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, check=True)
+            got[k].append([float(v) for v in out.stdout.strip().splitlines()[-1].split()])
     return {k: [statistics.median(col) for col in zip(*v)] for k, v in got.items()}
 
 

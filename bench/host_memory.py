@@ -49,7 +49,7 @@ def main(repeats):
     print("| case | default ms | kept ms | kept/default | default faults/step | kept faults/step |")
     print("|---|---|---|---|---|---|")
     for name, rule, net, batch, steps in CASES:
-        med = alternating_processes({mode: [WORKER, str(ROOT), mode, name, rule, net, str(batch), str(steps)]
+        med = alternating_processes({mode: ["-c", WORKER, str(ROOT), mode, name, rule, net, str(batch), str(steps)]
                                      for mode in ("default", "kept")}, repeats)
         t = {k: v[0] for k, v in med.items()}
         f = {k: v[1] for k, v in med.items()}

@@ -44,7 +44,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import timed  # noqa: E402
+from common import alternating_processes, timed  # noqa: E402
 
 from gait_ref.architectures import build  # noqa: E402
 from gait_ref.backend import get_backend, synchronize, to_device, to_numpy  # noqa: E402
@@ -394,7 +394,6 @@ def bench_torch(xp, quick):
     except ImportError:
         print("- skipped: torch is not installed (pip install torch==2.13.0)")
         return
-    import subprocess
     from torch_gp import check_against
     print(f"  torch {torch.__version__} ({os.cpu_count()} threads). GP step: forward, rule (torch: an LU solve per "
           "square layer), regulariser, Adam, every step. Each figure is a separate process, alternating "
@@ -402,13 +401,10 @@ def bench_torch(xp, quick):
     for name, (_, batch, qbatch) in NETS.items():
         b = qbatch if quick else batch
         for dtype in ("float32", "float64"):
-            runs = {"ours": [], "torch": []}
-            for _ in range(2 if quick else 3):
-                for which in ("ours", "torch"):
-                    out = subprocess.run([sys.executable, __file__, "--time-one", which, name, dtype, str(b),
-                                          str(2 if quick else 8)], capture_output=True, text=True, check=True)
-                    runs[which].append(float(out.stdout.split()[-1]))
-            t = {k: float(np.median(v)) for k, v in runs.items()}
+            med = alternating_processes({which: [__file__, "--time-one", which, name, dtype, str(b),
+                                                 str(2 if quick else 8)] for which in ("ours", "torch")},
+                                        2 if quick else 3)
+            t = {k: v[0] for k, v in med.items()}
             r = t["ours"] / t["torch"]
             extra = ""
             if dtype == "float64":
@@ -420,14 +416,11 @@ def bench_torch(xp, quick):
     for name, (_, batch, qbatch) in NETS.items():
         b = qbatch if quick else batch
         for net in ("ordinary", "square"):
-            runs = {"ours": [], "torch": []}
-            for _ in range(2 if quick else 3):
-                for which in runs:
-                    out = subprocess.run([sys.executable, __file__, "--time-one",
-                                          f"{which}-bp" + ("-square" if net == "square" else ""), name, "float32",
-                                          str(b), str(2 if quick else 10)], capture_output=True, text=True, check=True)
-                    runs[which].append(float(out.stdout.split()[-1]))
-            t = {k: float(np.median(v)) for k, v in runs.items()}
+            suffix = "-bp-square" if net == "square" else "-bp"
+            med = alternating_processes({which: [__file__, "--time-one", which + suffix, name, "float32", str(b),
+                                                 str(2 if quick else 10)] for which in ("ours", "torch")},
+                                        2 if quick else 3)
+            t = {k: v[0] for k, v in med.items()}
             fl = bp_flops(Setup(name, "bp", np, np.float32, b, invertible=net == "square").net, b)
             eff = {k: f"{100 * fl / v / 1e9 / peak:.0f}%" for k, v in t.items()}
             print(f"- {name} batch {b} float32 BP (forward + backward, {net} net, separate processes): gait_ref "

@@ -22,7 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import blas_line, interleaved_ms  # noqa: E402
 from gait_ref.hostmem import describe, keep_freed_memory  # noqa: E402
-from gait_ref.im2col import ConvGeometry, im2col  # noqa: E402
+from gait_ref.im2col import ConvGeometry, im2col, windows  # noqa: E402
 
 
 @click.command()
@@ -45,11 +45,7 @@ def main(repeats, default_malloc):
 
     def im2col_one_matrix():
         """The two halves of the window copy written into one column matrix (as the step needs)."""
-        t, b, l, r = g.pads
-        xt = np.pad(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), ((0, 0), (t, b), (l, r), (0, 0)))
-        sN, sH, sW, sC = xt.strides
-        win = np.lib.stride_tricks.as_strided(xt, shape=(64, g.Ho, g.Wo, g.K, g.K, g.C),
-                                              strides=(sN, g.S * sH, g.S * sW, sH, sW, sC))
+        win = windows(x, g)
         out = np.empty(win.shape, dtype=x.dtype)
         halves(lambda sl: np.copyto(out[sl], win[sl]))
         return out.reshape(-1, g.D)

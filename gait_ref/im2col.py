@@ -113,20 +113,22 @@ def _padded_channels_last(x, g: ConvGeometry):
     return xt
 
 
+def windows(x, g: ConvGeometry):
+    """x : (N, C, H, W) -> its (N, Ho, Wo, K, K, C) windows: a strided view (no copy) of the
+    padded input, channels last. Copied, this is the column matrix."""
+    xt = _padded_channels_last(x, g)                               # (N, H+t+b, W+l+r, C)
+    sN, sH, sW, sC = xt.strides
+    return get_xp(x).lib.stride_tricks.as_strided(
+        xt, shape=(x.shape[0], g.Ho, g.Wo, g.K, g.K, g.C), strides=(sN, g.S * sH, g.S * sW, sH, sW, sC))
+
+
 def im2col(x, g: ConvGeometry):
     """x : (N, C, H, W) -> cols : (N * Ho * Wo, D). A new array.
 
-    The padded input, channels last, is viewed as its (N, Ho, Wo, K, K, C) windows with
-    strides (no copy), and that view is copied once into the column matrix: one pass
-    over memory instead of K * K slice copies (which for C = 3 move 3 floats at a time).
+    The windows view is copied once into the column matrix: one pass over memory instead
+    of K * K slice copies (which for C = 3 move 3 floats at a time).
     """
-    xp = get_xp(x)
-    N = x.shape[0]
-    xt = _padded_channels_last(x, g)                               # (N, H+t+b, W+l+r, C)
-    sN, sH, sW, sC = xt.strides
-    win = xp.lib.stride_tricks.as_strided(                         # (N, Ho, Wo, K, K, C) view
-        xt, shape=(N, g.Ho, g.Wo, g.K, g.K, g.C), strides=(sN, g.S * sH, g.S * sW, sH, sW, sC))
-    return xp.ascontiguousarray(win).reshape(N * g.Ho * g.Wo, g.D)   # (N*Ho*Wo, D)
+    return get_xp(x).ascontiguousarray(windows(x, g)).reshape(x.shape[0] * g.Ho * g.Wo, g.D)   # (N*Ho*Wo, D)
 
 
 def _reach(k: int, size: int, n_out: int, S: int, pad: int) -> tuple[int, int, int]:
