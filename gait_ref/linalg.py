@@ -65,6 +65,7 @@ import math
 import numpy as np
 
 from .backend import get_xp
+from .live import widen
 
 SOLVERS = ("auto", "refine", "lu")
 # corrections per solve at most, past which X is renewed (see settle): in float32, 2 (each
@@ -159,6 +160,19 @@ def _t(a):
     return a.swapaxes(-1, -2)
 
 
+def _residual(B, x, W):
+    """r = B - x W, in the product's array; B may hold only the first c columns (the rest
+    zero)."""
+    xp = get_xp(x)
+    r = x @ W
+    c = B.shape[-1]
+    if c == r.shape[-1]:
+        return xp.subtract(B, r, out=r)
+    r = xp.negative(r, out=r)
+    r[..., :c] += B
+    return r
+
+
 class SquareInverse:
     """The map B -> B @ W^-1 for a square W (D, D), or a stack (P, D, D): a fresh LU solve."""
 
@@ -169,10 +183,12 @@ class SquareInverse:
         self.sq = []
 
     def right_solve(self, B):
-        """X = B @ W^-1. B : (M, D) for a 2-D W, (P, M, D) for a stack.  X W = B <=> W^T X^T = B^T.
+        """X = B @ W^-1. B : (M, D) for a 2-D W, (P, M, D) for a stack, or only its first c
+        columns, (.., M, c), the rest being zero.  X W = B <=> W^T X^T = B^T.
         ``self.sq`` becomes [a lower bound on ||W||_2^2, ||B||^2, ||X||^2], 0-d device arrays
         (``solve_amplifies_past``): a nearly singular W gives a huge but finite X, which
         nothing else would notice (an LU meets a tiny pivot, not always a zero one)."""
+        B = widen(B, self.shape[-1])
         x = _t(self.xp.linalg.solve(_t(self.W), _t(B)))
         self.sq = [norm_lower_bound_squared(self.W), squared_norm(B), squared_norm(x)]
         return x
@@ -328,15 +344,18 @@ class _RefinedSolve:
         self.state, self.W, self.sq = state, W, []
 
     def right_solve(self, B):
-        """B @ W^-1, refined. ``self.sq`` becomes [||W||_2^2 (estimated), ||B||^2, ||x_K||^2,
-        ||r_0||^2, .., ||r_K||^2], 0-d arrays on the device."""
+        """B @ W^-1, refined. B : (.., M, D), or only its first c columns (.., M, c), the rest
+        being zero (a square layer's auxiliary channels, ``gait_ref.live``): the first
+        product then reads only c rows of X, c / D of its flops. ``self.sq`` becomes
+        [||W||_2^2 (estimated), ||B||^2, ||x_K||^2, ||r_0||^2, .., ||r_K||^2], 0-d arrays on the
+        device."""
         X, W = self.state.X, self.W
-        x = B @ X                                                    # (.., M, D)
-        r = B - x @ W
+        x = B @ X[..., :B.shape[-1], :]                              # (.., M, D)
+        r = _residual(B, x, W)
         r2 = [squared_norm(r)]
         for _ in range(self.state.K):
             x = x + r @ X
-            r = B - x @ W
+            r = _residual(B, x, W)
             r2.append(squared_norm(r))
         self.sq = [self.state.norm_squared(W), squared_norm(B), squared_norm(x)] + r2
         return x

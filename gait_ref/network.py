@@ -85,12 +85,31 @@ class Network:
     def predict(self, x):
         return self.forward(x).output
 
+    def live_channels(self, l: int) -> int | None:
+        """How many leading channels (axis 1; units for a dense output) of layer l's output
+        the layer above reads, when that is a whole number of channels and not all of them;
+        None otherwise (the top layer, an ordinary layer below one that reads everything).
+        The rest are auxiliary: every gradient and target difference on them is zero, so the
+        backward maps carry only these (``gait_ref.live``)."""
+        if l >= len(self.layers) - 1:
+            return None
+        above, shape = self.layers[l + 1], self.layers[l].out_shape
+        per_channel = int(np.prod(shape[1:]))                     # units per channel (1 for dense)
+        read = above.n_read if above.kind == "dense" else above.c_read * per_channel
+        if read % per_channel or read // per_channel >= shape[0]:
+            return None
+        return read // per_channel
+
     # ---- backprop ------------------------------------------------------------------------
-    def backward(self, tr: Trace, gy):
+    def backward(self, tr: Trace, gy, feedback=None):
         """BP (Rumelhart et al.; NeurIPS eq. 3): delta_L = dL/dy_L * f'(h_L),
         delta_{l-1} = (delta_l W_l^T) * f'(h_{l-1}), dW_l = y_{l-1}^T delta_l.
+        With ``feedback`` (a matrix B_l shaped like W_l per layer l >= 1), delta_l B_l^T
+        replaces delta_l W_l^T: feedback alignment (Lillicrap et al. 2016).
 
-        gy : dL/dy_L, shaped like the output. Returns a list of {'W', 'b'} per layer.
+        Each delta holds only the channels the layer above reads (``live_channels``); those
+        of the auxiliary units are zero. gy : dL/dy_L, shaped like the output. Returns a
+        list of {'W', 'b'} per layer.
         """
         grads = [None] * len(self.layers)
         delta = gy * self.activations[-1].deriv(tr.hs[-1])
@@ -98,7 +117,11 @@ class Network:
             layer = self.layers[l]
             grads[l] = layer.param_grads(delta, tr.caches[l])
             if l > 0:
-                delta = layer.input_grad(delta, tr.caches[l]) * self.activations[l - 1].deriv(tr.hs[l - 1])
+                c = self.live_channels(l - 1)
+                back = layer.input_grad(delta, tr.caches[l], W=None if feedback is None else feedback[l],
+                                        read_only=c is not None)
+                h = tr.hs[l - 1] if c is None else tr.hs[l - 1][:, :c]
+                delta = back * self.activations[l - 1].deriv(h)
         return grads
 
     # ---- exact inverse --------------------------------------------------------------------

@@ -10,6 +10,10 @@ The kernel is stored as the (D, O) matrix that multiplies im2col rows; rows run 
 map is then an invertible D x D matrix (scaling paper sec. 2.2.2). Only the first
 ``filters`` of those D channels feed the next layer; the rest are auxiliary channels,
 and the next layer says so by reading only its first ``c_read`` input channels.
+
+Output gradients and differences may hold only their first c channels, the rest being
+zero (``gait_ref.live``): the GEMMs then run on those c columns. With ``read_only``
+the backward maps return only the Cr channels the layer reads.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from ..backend import get_xp, to_device
 from ..im2col import ConvGeometry, col2im, im2col, nchw_to_rows, rows_to_nchw
 from ..linalg import SquareInverse
 from ..pooling import max_pool, unpool
+from ..live import leading, widen
 
 
 class _Windowed:
@@ -51,6 +56,10 @@ class _Windowed:
         else:
             out[..., Cr:] = fill[:, Cr:].transpose(0, 2, 3, 1)
         return out.transpose(0, 3, 1, 2)                                 # (N, C, H, W) view
+
+    def _out(self, x_read, read_only):
+        """A backward map's result: the Cr channels read, or all C (zero on unread ones)."""
+        return x_read if read_only else self._embed(x_read, None)
 
     def _overlap_correction(self, x_read):
         """(R - 1) * x: the forward input reconstructed once too often by col2im."""
@@ -87,23 +96,26 @@ class Conv2D(_Windowed):
         hm = cols @ self.params["W"] + self.params["b"]              # (M, O)
         return rows_to_nchw(hm, x.shape[0], g.Ho, g.Wo), {"x": x, "cols": cols}
 
-    def input_grad(self, gh, cache, W=None):
+    def input_grad(self, gh, cache, W=None, read_only=False):
         """dL/dx: the transposed convolution of gh; W may be a feedback kernel (FA). New array."""
-        return self.linear_transpose(gh, self.params["W"] if W is None else W)
+        return self.linear_transpose(gh, self.params["W"] if W is None else W, read_only)
 
-    def linear_transpose(self, a, V):
+    def linear_transpose(self, a, V, read_only=False):
         """The transposed convolution col2im(a V^T) for any (D, O) kernel V: the structure
-        of W^T with V's values. a : (N, O, Ho, Wo) -> (N, C, H, W), zero on unread channels."""
-        gcols = nchw_to_rows(a) @ V.T                                # (M, D)
-        return self._embed(col2im(gcols, self.geom, a.shape[0]), None)
+        of W^T with V's values. a : (N, c, Ho, Wo), the first c of the O channels (the rest
+        zero) -> (N, C, H, W), zero on unread channels (or only the Cr read)."""
+        gcols = nchw_to_rows(a) @ leading(V, a.shape[1]).T          # (M, D)
+        return self._out(col2im(gcols, self.geom, a.shape[0]), read_only)
 
     def transpose_weight_grad(self, a, gx):
         """d<gx, linear_transpose(a, V)>/dV = im2col(gx)^T a: (D, O)."""
         return im2col(self._read(gx), self.geom).T @ nchw_to_rows(a)
 
     def param_grads(self, gh, cache):
-        ghm = nchw_to_rows(gh)                                       # (M, O)
-        return {"W": cache["cols"].T @ ghm, "b": ghm.sum(axis=0)}
+        """{'W': cols^T gh, 'b': gh summed}: gh : (N, c, Ho, Wo), the first c of the O
+        channels (the rest zero, and so are their columns of the gradient)."""
+        ghm = nchw_to_rows(gh)                                       # (M, c)
+        return {"W": widen(cache["cols"].T @ ghm, self.n_out), "b": widen(ghm.sum(axis=0), self.n_out)}
 
     def inverse_operator(self):
         return SquareInverse(self.params["W"])
@@ -126,10 +138,11 @@ class Conv2D(_Windowed):
         x_rec = col2im(patches, self.geom, h.shape[0]) - self._overlap_correction(x_read)
         return self._embed(x_rec, cache["x"])
 
-    def inverse_delta(self, dh, cache, op):
-        """The linear part of the inverse: convT(dh, (W^-1)^T), zero on unread channels."""
-        patches = op.right_solve(nchw_to_rows(dh))                    # (M, D)
-        return self._embed(col2im(patches, self.geom, dh.shape[0]), None)
+    def inverse_delta(self, dh, cache, op, read_only=False):
+        """The linear part of the inverse: convT(dh, (W^-1)^T), zero on unread channels (or
+        only the Cr read). dh : (N, c, Ho, Wo), the first c channels (the rest zero)."""
+        patches = op.right_solve(nchw_to_rows(dh))                    # (M, D) from (M, c)
+        return self._out(col2im(patches, self.geom, dh.shape[0]), read_only)
 
 
 class ConvPool2D(Conv2D):
@@ -162,11 +175,12 @@ class ConvPool2D(Conv2D):
         return h, cache
 
     def unpool(self, u, cache):
-        """(N, O, Ho/2, Wo/2) -> (N, O, Ho, Wo): u at the forward maxima, zero elsewhere."""
-        return unpool(u, cache["pool_mask"], self.conv_hw)
+        """(N, c, Ho/2, Wo/2) -> (N, c, Ho, Wo): u at the forward maxima, zero elsewhere
+        (c: the first c of the O channels)."""
+        return unpool(u, cache["pool_mask"][:, :u.shape[1]], self.conv_hw)
 
-    def input_grad(self, gh, cache, W=None):
-        return super().input_grad(self.unpool(gh, cache), cache, W)
+    def input_grad(self, gh, cache, W=None, read_only=False):
+        return super().input_grad(self.unpool(gh, cache), cache, W, read_only)
 
     def param_grads(self, gh, cache):
         return super().param_grads(self.unpool(gh, cache), cache)

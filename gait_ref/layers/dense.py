@@ -11,6 +11,10 @@ flattened in C order, so a dense layer on a conv map reads channel-major.
 
 The layer is the affine map h = x[:, :R] W + b only; its nonlinearity belongs to the
 network (``gait_ref.network``), which keeps y = f(h).
+
+Output gradients and differences may hold only their first c units (``gait_ref.live``);
+with ``read_only`` the backward maps return only the R units read, shaped as the leading
+channels of the input (R must then be whole channels).
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import math
 
 from ..backend import get_xp
 from ..linalg import SquareInverse
+from ..live import leading, widen
 
 
 class Dense:
@@ -55,27 +60,40 @@ class Dense:
                 else fill.reshape(N, self.n_in)[:, self.n_read:])
         return xp.concatenate([x_read, rest], axis=1).reshape((N,) + self.in_shape)
 
+    def _read_part(self, x_read):
+        """(N, R) -> the read units as the leading channels of the input: (N, R) for a flat
+        input, (N, R / (H W), H, W) for a map (R must then be whole channels)."""
+        per_channel = math.prod(self.in_shape[1:])
+        if self.n_read % per_channel:
+            raise ValueError(f"{self.name}: reads {self.n_read} units, not whole channels of {self.in_shape}")
+        return x_read.reshape((x_read.shape[0], self.n_read // per_channel) + self.in_shape[1:])
+
+    def _out(self, x_read, read_only):
+        return self._read_part(x_read) if read_only else self._embed(x_read, None)
+
     # ---- forward and BP -------------------------------------------------------------
     def forward(self, x):
         """h = x[:, :R] W + b. x : (N, *in_shape) -> h : (N, O), cache."""
         W, b = self.params["W"], self.params["b"]
         return self._read(x) @ W + b, {"x": x}
 
-    def input_grad(self, gh, cache, W=None):
+    def input_grad(self, gh, cache, W=None, read_only=False):
         """dL/dx = gh W^T (zeros on unread units); W may be a feedback matrix (FA). New array."""
-        return self.linear_transpose(gh, self.params["W"] if W is None else W)
+        return self.linear_transpose(gh, self.params["W"] if W is None else W, read_only)
 
-    def linear_transpose(self, a, V):
-        """a V^T for any (R, O) matrix V, as a full (N, *in_shape) array (zero on unread units)."""
-        return self._embed(a @ V.T, None)
+    def linear_transpose(self, a, V, read_only=False):
+        """a V^T for any (R, O) matrix V, as a full (N, *in_shape) array (zero on unread units),
+        or only the units read. ``a`` : (N, c), the first c of the O units (the rest zero)."""
+        return self._out(a @ leading(V, a.shape[1]).T, read_only)
 
     def transpose_weight_grad(self, a, gx):
         """d<gx, linear_transpose(a, V)>/dV = gx_R^T a: (R, O)."""
         return self._read(gx).T @ a
 
     def param_grads(self, gh, cache):
-        """{'W': x_R^T gh, 'b': sum_n gh}: new arrays."""
-        return {"W": self._read(cache["x"]).T @ gh, "b": gh.sum(axis=0)}
+        """{'W': x_R^T gh, 'b': sum_n gh}: new arrays. gh : (N, c), the first c of the O
+        units (the rest zero, and so are their columns of the gradient)."""
+        return {"W": widen(self._read(cache["x"]).T @ gh, self.n_out), "b": widen(gh.sum(axis=0), self.n_out)}
 
     # ---- exact inverse ----------------------------------------------------------------
     def inverse_operator(self):
@@ -85,6 +103,7 @@ class Dense:
         """x = (h - b) W^-1, full width, auxiliary units from the forward input (eq. 5, 22)."""
         return self._embed(op.right_solve(h - self.params["b"]), cache["x"])
 
-    def inverse_delta(self, dh, cache, op):
-        """The linear part of the inverse: dx = dh W^-1, zero on auxiliary units."""
-        return self._embed(op.right_solve(dh), None)
+    def inverse_delta(self, dh, cache, op, read_only=False):
+        """The linear part of the inverse: dx = dh W^-1, zero on auxiliary units (or only the
+        units read). dh : (N, c), the first c of the O units (the rest zero)."""
+        return self._out(op.right_solve(dh), read_only)

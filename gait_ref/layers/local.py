@@ -3,7 +3,8 @@
 Legend: as in ``gait_ref.layers.conv``, plus P = Ho * Wo output positions.
 Weights W : (P, D, O), one (D, O) matrix per output position; biases b : (P, O).
 Square when O = D: each position's matrix is then inverted on its own and the same
-overlap correction as the square convolution makes the inverse exact.
+overlap correction as the square convolution makes the inverse exact. Output gradients
+may hold only their first c channels, as for ``Conv2D``.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from ..backend import get_xp
 from ..im2col import col2im, im2col
 from ..linalg import SquareInverse
 from .conv import _Windowed
+from ..live import leading, widen
 
 
 class LocallyConnected2D(_Windowed):
@@ -62,14 +64,15 @@ class LocallyConnected2D(_Windowed):
         hp += self.params["b"][:, None, :]
         return self._from_positions(hp), {"x": x, "cols": cols}
 
-    def input_grad(self, gh, cache, W=None):
-        return self.linear_transpose(gh, self.params["W"] if W is None else W)
+    def input_grad(self, gh, cache, W=None, read_only=False):
+        return self.linear_transpose(gh, self.params["W"] if W is None else W, read_only)
 
-    def linear_transpose(self, a, V):
+    def linear_transpose(self, a, V, read_only=False):
         """The transposed locally connected map for any (P, D, O) weights V: each position's
-        a_p V_p^T, summed back onto the input by col2im. (N, O, Ho, Wo) -> (N, C, H, W)."""
-        gcp = self._gh_positions(a) @ V.transpose(0, 2, 1)           # (P, N, D)
-        return self._embed(col2im(self._positions_to_cols(gcp), self.geom, a.shape[0]), None)
+        a_p V_p^T, summed back onto the input by col2im. (N, c, Ho, Wo), the first c of the O
+        channels -> (N, C, H, W) (or only the Cr channels read)."""
+        gcp = self._gh_positions(a) @ leading(V, a.shape[1]).transpose(0, 2, 1)   # (P, N, D)
+        return self._out(col2im(self._positions_to_cols(gcp), self.geom, a.shape[0]), read_only)
 
     def transpose_weight_grad(self, a, gx):
         """d<gx, linear_transpose(a, V)>/dV, per position cols_p(gx)^T a_p: (P, D, O)."""
@@ -80,7 +83,7 @@ class LocallyConnected2D(_Windowed):
         N = gh.shape[0]
         ghp = self._gh_positions(gh)                                 # (P, N, O)
         cp = self._to_positions(cache["cols"], N)                    # (P, N, D)
-        return {"W": cp.transpose(0, 2, 1) @ ghp, "b": ghp.sum(axis=1)}
+        return {"W": widen(cp.transpose(0, 2, 1) @ ghp, self.n_out), "b": widen(ghp.sum(axis=1), self.n_out)}
 
     def inverse_operator(self):
         return SquareInverse(self.params["W"])
@@ -93,6 +96,6 @@ class LocallyConnected2D(_Windowed):
         x_rec = col2im(cols, self.geom, h.shape[0]) - self._overlap_correction(x_read)
         return self._embed(x_rec, cache["x"])
 
-    def inverse_delta(self, dh, cache, op):
+    def inverse_delta(self, dh, cache, op, read_only=False):
         cols = self._positions_to_cols(op.right_solve(self._gh_positions(dh)))
-        return self._embed(col2im(cols, self.geom, dh.shape[0]), None)
+        return self._out(col2im(cols, self.geom, dh.shape[0]), read_only)

@@ -40,16 +40,7 @@ class FA:
 
     def compute(self, tr, gy, labels=None, batch=None):
         """Per-layer updates (labels and batch split unused: sums over samples)."""
-        net = self.net
-        grads = [None] * len(net)
-        delta = gy * net.activations[-1].deriv(tr.hs[-1])
-        for l in range(len(net) - 1, -1, -1):
-            layer = net.layers[l]
-            grads[l] = layer.param_grads(delta, tr.caches[l])
-            if l > 0:
-                delta = layer.input_grad(delta, tr.caches[l], W=self.B[l]) \
-                    * net.activations[l - 1].deriv(tr.hs[l - 1])
-        return grads, {}
+        return self.net.backward(tr, gy, feedback=self.B), {}
 
 
 class DFA:

@@ -207,26 +207,6 @@ class TargetRule:
         for l, r in enumerate(self.refined):
             r.load_state_dict(state, f"inverse/{l}/", xp)
 
-    def _live(self, l: int, y) -> int | None:
-        """How many leading entries along axis 1 of layer l's output can carry d != 0: those the
-        layer above reads. The rest are auxiliary units, whose targets are their forward values
-        (d = 0 exactly), so the elementwise work of the difference form skips them. None: all."""
-        if self.form != "difference" or l == len(self.net) - 1:
-            return None
-        above = self.net.layers[l + 1]
-        per_channel = math.prod(y.shape[2:])                      # units per channel (1 for dense)
-        read = above.n_read if above.kind == "dense" else above.c_read * per_channel
-        if read % per_channel or read // per_channel >= y.shape[1]:
-            return None
-        return read // per_channel
-
-    @staticmethod
-    def _embed(part, like):
-        """``part`` as the leading entries (axis 1) of a zero array shaped like ``like``."""
-        out = get_xp(part).zeros_like(like)
-        out[:, :part.shape[1]] = part
-        return out
-
     def _recursion(self, tr, gy, make_op):
         """The target recursion (see the module docstring); ``make_op(l, W)`` gives layer l's
         solver for this step."""
@@ -238,14 +218,16 @@ class TargetRule:
         d = -gy                                   # d_L = t_L - y_L = -dL/dy_L
         t = yL - gy if self.form == "absolute" else None
         s = xp.ones(yL.shape[0], dtype=yL.dtype)  # the per-sample scale s_l
+        # difference form: d_l holds only the channels the layer above reads (its auxiliary
+        # units' targets are their forward values, d = 0 there), and so does every array
+        # made from it; the layers' GEMMs run on those channels (gait_ref.live)
+        live = [net.live_channels(l) if self.form == "difference" else None for l in range(L)]
         for l in range(L - 1, -1, -1):
-            layer, f = net.layers[l], net.activations[l]
-            c = self._live(l, tr.ys[l])
-            live = (lambda a: a[:, :c]) if c else (lambda a: a)          # the units that carry d
-            full = (lambda a: self._embed(a, tr.ys[l])) if c else (lambda a: a)
-            y, fp, d = live(tr.ys[l]), f.deriv(live(tr.hs[l])), live(d)
+            layer, f, c = net.layers[l], net.activations[l], live[l]
+            y, h = (tr.ys[l], tr.hs[l]) if c is None else (tr.ys[l][:, :c], tr.hs[l][:, :c])
+            fp = f.deriv(h)
             # eq. 18: dW_l = y_{l-1}^T ((y_l - t_l) * f'(h_l)), times s_l (eq. 21)
-            grads[l] = layer.param_grads(full((-d) * fp * _per_sample(s, d)), tr.caches[l])
+            grads[l] = layer.param_grads((-d) * fp * _per_sample(s, d), tr.caches[l])
             dn = xp.sqrt(_squared_norms(d))                                 # (N,) ||d_{l,n}||
             dist[l] = dn.mean()                                              # 0-d, on the device
             if l == 0:
@@ -255,7 +237,8 @@ class TargetRule:
             op = make_op(l, layer.params["W"])
             if self.form == "difference":
                 # d_{l-1} = (f^-1(y + eps d) - f^-1(y)) W^-1, exactly
-                d = layer.inverse_delta(full(f.inverse_difference(y, eps * d)), tr.caches[l], op)
+                d = layer.inverse_delta(f.inverse_difference(y, eps * d), tr.caches[l], op,
+                                        read_only=live[l - 1] is not None)
             else:
                 # t_{l-1} = g_l^-1((1 - eps) y + eps t), eq. 17
                 t = net.invert_layer(l, (1 - eps) * y + eps * t, tr, op)

@@ -1,0 +1,31 @@
+"""Arrays that hold only a layer's first c output channels: the rest are exactly zero.
+
+A square layer's auxiliary channels (units) are never read by the layer above, so every
+gradient and target difference on them is zero: BP's delta, GAIT-prop's d, and the
+right-hand sides of the solves. The layers' backward maps accept such arrays with only
+their first c channels along axis 1 (units for a dense layer) and run their GEMMs on
+those c columns: on conv7 at 64 px, 24 of conv2's 216 channels are read, 48 of conv3's
+600, 96 of conv5's 432. Their results are the same as with the zeros written out, up to
+the order in which a GEMM adds its terms.
+"""
+from __future__ import annotations
+
+from .backend import get_xp
+
+
+def leading(V, c: int):
+    """The columns (last axis) of a (.., D, O) weight matrix that meet c live channels."""
+    return V if c == V.shape[-1] else V[..., :c]
+
+
+def widen(g, n: int):
+    """(.., c) -> (.., n): g in the first c entries of the last axis, zeros after (g itself
+    when c = n)."""
+    c = g.shape[-1]
+    if c == n:
+        return g
+    if c > n:
+        raise ValueError(f"an array with {c} channels for a layer with {n}")
+    out = get_xp(g).zeros(g.shape[:-1] + (n,), dtype=g.dtype)
+    out[..., :c] = g
+    return out
