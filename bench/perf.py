@@ -17,7 +17,8 @@ torch       the same GP step in PyTorch (bench/torch_gp.py: LU solve and regular
 float32     GP's angle to BP in float32 (difference form) against float64: at
             initialisation, after 100 steps on one batch, and after training on real
             Fashion-MNIST batches. Target |angle32 - angle64| <= 0.1 degree.
-gemm        a BP step of conv7 in GFLOP/s (3 GEMMs per layer) against the GEMM rate.
+gemm        a BP step of conv7 in GFLOP/s (per layer 3 GEMMs, the backward two on the live
+            output channels) against the GEMM rate.
             Target >= 60%.
 memory      peak memory of a step (tracemalloc, the highest of 8), GP against BP on the same network.
 data        the shard loader's images/s against the GP training step (bench/loader.py has
@@ -124,29 +125,46 @@ def _rows(layer, batch):
     return batch * layer.out_shape[1] * layer.out_shape[2] if layer.kind == "conv" else batch
 
 
-def bp_flops(net, batch):
-    """BP: 3 GEMMs per layer (forward, input gradient, weight gradient), 2 M K N flops each;
-    the first layer has no input gradient."""
-    return sum((2 if i == 0 else 3) * _gemm(_rows(l, batch), *l.weight_shape) for i, l in enumerate(net.layers))
+def _live(net, l):
+    """Output channels of layer l that carry gradients: those the layer above reads
+    (``Network.live_channels``); the backward GEMMs run on these columns only."""
+    c = net.live_channels(l)
+    return net.layers[l].weight_shape[-1] if c is None else c
+
+
+def bp_flops(net, batch, live=True):
+    """BP: per layer the forward GEMM (M x D x O), the weight gradient and the input gradient
+    (M x D x c, c the live output channels; the first layer has no input gradient), 2 M K N
+    flops each. ``live=False``: c = O, as autograd computes them (torch's step)."""
+    total = 0
+    for i, l in enumerate(net.layers):
+        M, (D, O) = _rows(l, batch), l.weight_shape
+        c = _live(net, i) if live else O
+        total += _gemm(M, D, O) + (1 if i == 0 else 2) * _gemm(M, D, c)
+    return total
 
 
 def gp_flops(net, batch, stats, steps, ortho_every, solver):
     """The GEMM flops of ``steps`` GP training steps: the forward pass, per recursion of the
-    rule (stats['recursions']) every layer's weight gradient and, per square layer above the
-    first, the solve (refine: B X and the residual, 2 GEMMs of M x D x D, plus 2 per
-    correction from stats['corrections']; lu: 2/3 D^3 + 2 M D^2), and the regulariser's
-    two D x D x D GEMMs per square 2-D layer every ``ortho_every`` steps."""
+    rule (stats['recursions']) every layer's weight gradient (on its c live output channels)
+    and, per square layer above the first, the solve (refine: B X on c columns of B and the
+    residual, M x c x D and M x D x D, plus two GEMMs of M x D x D per correction from
+    stats['corrections']; lu: 2/3 D^3 + 2 M D^2), and the regulariser's two D x D x D GEMMs
+    per square 2-D layer every ``ortho_every`` steps. Not counted: the kept inverses' renewals
+    (a fresh inverse or a Newton-Schulz step, see gait_ref.linalg), so the rate is a lower bound."""
+    layers = list(enumerate(net.layers))
     fwd = sum(_gemm(_rows(l, batch), *l.weight_shape) for l in net.layers)
-    grads = sum(_gemm(_rows(l, batch), *l.weight_shape) for l in net.layers)
-    square = [l for l in net.layers[1:] if l.square]
+    grads = sum(_gemm(_rows(l, batch), l.weight_shape[-2], _live(net, i)) for i, l in layers)
+    square = [(i, l) for i, l in layers[1:] if l.square]
     if solver == "refine":
-        solve = sum(2 * _gemm(_rows(l, batch), l.weight_shape[-1], l.weight_shape[-1]) for l in square)
-        per_correction = np.mean([2 * _gemm(_rows(l, batch), l.weight_shape[-1], l.weight_shape[-1]) for l in square])
+        solve = sum(_gemm(_rows(l, batch), _live(net, i), l.weight_shape[-1])
+                    + _gemm(_rows(l, batch), l.weight_shape[-1], l.weight_shape[-1]) for i, l in square)
+        per_correction = np.mean([2 * _gemm(_rows(l, batch), l.weight_shape[-1], l.weight_shape[-1]) for _, l in square])
         rule = stats["recursions"] * (grads + solve) + stats["corrections"] * per_correction
     else:
         rule = steps * (grads + sum(2 / 3 * l.weight_shape[-1] ** 3 + 2 * _rows(l, batch) * l.weight_shape[-1] ** 2
-                                    for l in square))
-    reg = sum(2 * _gemm(*l.weight_shape, l.weight_shape[-1]) for l in square if len(l.weight_shape) == 2)
+                                    for _, l in square))
+    reg = sum(2 * _gemm(*l.weight_shape, l.weight_shape[-1]) for _, l in square if len(l.weight_shape) == 2)
     return steps * fwd + rule + reg * (steps // ortho_every)
 
 
@@ -313,13 +331,14 @@ def bench_gemm(xp, quick):
 def bp_gemms_alone(net, batch, xp, repeats):
     """Seconds for the GEMMs that ``bp_flops`` counts, each timed alone on random matrices of the
     step's shapes and layouts: forward rows @ W, weight gradient rows^T @ grad, input gradient
-    grad @ W^T (not for the first layer). A bound on BP's step set by the GEMMs' shapes."""
+    grad @ W[:, :c]^T (not for the first layer), c the live output channels. A bound on BP's
+    step set by the GEMMs' shapes."""
     rng = np.random.default_rng(0)
     total = 0.0
     for i, l in enumerate(net.layers):
-        M, (D, O) = _rows(l, batch), l.weight_shape
-        a, w, gr = (to_device(rng.random(shape, dtype=np.float32), xp) for shape in ((M, D), (D, O), (M, O)))
-        products = [lambda: a @ w, lambda: a.T @ gr] + ([lambda: gr @ w.T] if i else [])
+        M, (D, O), c = _rows(l, batch), l.weight_shape, _live(net, i)
+        a, w, gr = (to_device(rng.random(shape, dtype=np.float32), xp) for shape in ((M, D), (D, O), (M, c)))
+        products = [lambda: a @ w, lambda: a.T @ gr] + ([lambda: gr @ w[:, :c].T] if i else [])
         total += sum(timed(f, xp, repeats=repeats) for f in products)
     return total
 
@@ -421,8 +440,10 @@ def bench_torch(xp, quick):
                                                  str(2 if quick else 10)] for which in ("ours", "torch")},
                                         2 if quick else 3)
             t = {k: v[0] for k, v in med.items()}
-            fl = bp_flops(Setup(name, "bp", np, np.float32, b, invertible=net == "square").net, b)
-            eff = {k: f"{100 * fl / v / 1e9 / peak:.0f}%" for k, v in t.items()}
+            bp_net = Setup(name, "bp", np, np.float32, b, invertible=net == "square").net
+            # each library's own flops: autograd's backward also multiplies the auxiliary channels' zeros
+            fl = {"ours": bp_flops(bp_net, b), "torch": bp_flops(bp_net, b, live=False)}
+            eff = {k: f"{100 * fl[k] / v / 1e9 / peak:.0f}%" for k, v in t.items()}
             print(f"- {name} batch {b} float32 BP (forward + backward, {net} net, separate processes): gait_ref "
                   f"{t['ours'] * 1e3:.0f} ms ({eff['ours']} of GEMM), torch {t['torch'] * 1e3:.0f} ms "
                   f"({eff['torch']}), ratio {t['ours'] / t['torch']:.2f}; GEMM {peak:.0f} GFLOP/s", flush=True)

@@ -281,6 +281,37 @@ def test_a_renewing_layer_solves_with_a_fresh_inverse_and_no_correction(xp):
     assert plans[1:] == [0] * 9, plans
 
 
+@pytest.mark.parametrize("stack", [(), (3,)])
+def test_a_renewing_layer_with_narrow_right_hand_sides_inverts_only_their_rows(xp, stack):
+    """Right-hand sides with only c live columns (a layer's auxiliary channels are zero) meet
+    only the first c rows of X: a renewing layer with no correction planned computes just those
+    (the rows inv gives), every solve still meets the bound and solves the zero-padded system;
+    a miss, which plans a correction (all of X), makes the retry compute the whole inverse."""
+    rng = np.random.default_rng(5)
+    D, c = 40, 6
+    W0 = np.linalg.qr(rng.standard_normal(stack + (D, D)))[0]
+    bound = residual_bound(np.float32)
+    state = RefinedInverse()
+    for t in range(6):
+        W = xp.asarray((W0 + 3e-3 * t * rng.standard_normal(W0.shape) / np.sqrt(D)).astype(np.float32))
+        B = rand(rng, stack + (2 * D, c), xp, np.float32)
+        op = state.operator(W, rows=2 * D, live=c)
+        x = op.right_solve(B)
+        assert state.check([float(v) for v in op.sq], bound, W)
+        state.settle(W)
+        full = np.zeros(stack + (2 * D, D), np.float32)
+        full[..., :c] = asnumpy(B)
+        assert _eta64(full, x, W) <= bound
+        if t > 0:                                     # the first step starts from a whole inverse
+            assert state.X.shape == stack + (c, D) and state.K == 0
+            np.testing.assert_allclose(asnumpy(state.X), np.linalg.inv(asnumpy(W))[..., :c, :], rtol=0, atol=1e-5)
+    miss = [float(v) for v in op.sq]
+    miss[3] = 1e6 * miss[2]                           # a residual far above the bound
+    assert not state.check(miss, bound, W) and state.K == 1
+    state.operator(W, rows=2 * D, retry=True, live=c)
+    assert state.X.shape == W.shape
+
+
 def test_solver_choice():
     assert solver_for("auto", np.float32) == "refine" and solver_for("auto", np.float64) == "lu"
     with pytest.raises(ValueError, match="--inverse-solver must be one of"):

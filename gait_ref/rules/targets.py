@@ -158,12 +158,13 @@ class TargetRule:
             return grads, info
         batch = BatchSlice.whole(gy.shape[0]) if batch is None else batch
         bound = residual_bound(gy.dtype)
+        live = self._live_channels()
         for attempt in range(2 + max_corrections(gy.dtype)):    # corrections added, then fresh inverses
             ops = {}
 
             def make_op(l, W):
                 rows = _solve_rows(tr.ys[l], W, batch.n_total)
-                ops[l] = self.refined[l].operator(W, rows, retry=attempt > 0)
+                ops[l] = self.refined[l].operator(W, rows, retry=attempt > 0, live=live[l])
                 return ops[l]
             grads, info = self._recursion(tr, gy, make_op)
             layers = sorted(ops)
@@ -207,6 +208,11 @@ class TargetRule:
         for l, r in enumerate(self.refined):
             r.load_state_dict(state, f"inverse/{l}/", xp)
 
+    def _live_channels(self) -> list:
+        """Per layer, the leading output channels that carry d (``Network.live_channels``) in
+        the difference form; the absolute form carries whole targets (None: all)."""
+        return [self.net.live_channels(l) if self.form == "difference" else None for l in range(len(self.net))]
+
     def _recursion(self, tr, gy, make_op):
         """The target recursion (see the module docstring); ``make_op(l, W)`` gives layer l's
         solver for this step."""
@@ -221,7 +227,7 @@ class TargetRule:
         # difference form: d_l holds only the channels the layer above reads (its auxiliary
         # units' targets are their forward values, d = 0 there), and so does every array
         # made from it; the layers' GEMMs run on those channels (gait_ref.live)
-        live = [net.live_channels(l) if self.form == "difference" else None for l in range(L)]
+        live = self._live_channels()
         for l in range(L - 1, -1, -1):
             layer, f, c = net.layers[l], net.activations[l], live[l]
             y, h = (tr.ys[l], tr.hs[l]) if c is None else (tr.ys[l][:, :c], tr.hs[l][:, :c])
