@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gait_ref.backend import get_backend
 from gait_ref.linalg import (RefinedInverse, SquareInverse, backward_errors, condition_lower_bound, max_corrections,
                              residual_bound, solver_for)
 from gait_ref.rules import make_rule
@@ -287,6 +288,17 @@ def test_a_renewing_layer_with_narrow_right_hand_sides_inverts_only_their_rows(x
     only the first c rows of X: a renewing layer with no correction planned computes just those
     (the rows inv gives), every solve still meets the bound and solves the zero-padded system;
     a miss, which plans a correction (all of X), makes the retry compute the whole inverse."""
+    _narrow_rows_case(xp, stack)
+
+
+@pytest.mark.parametrize("stack", [(), (3,)])
+def test_the_partial_inverse_uses_only_cupys_api(stack):
+    """The same on the emulated device (cupy's names and rules on the CPU): the training tests
+    there run at sizes where no layer renews with narrow right-hand sides."""
+    _narrow_rows_case(get_backend("emulated"), stack)
+
+
+def _narrow_rows_case(xp, stack):
     rng = np.random.default_rng(5)
     D, c = 40, 6
     W0 = np.linalg.qr(rng.standard_normal(stack + (D, D)))[0]
@@ -303,7 +315,7 @@ def test_a_renewing_layer_with_narrow_right_hand_sides_inverts_only_their_rows(x
         full[..., :c] = asnumpy(B)
         assert _eta64(full, x, W) <= bound
         if t > 0:                                     # the first step starts from a whole inverse
-            assert state.X.shape == stack + (c, D) and state.K == 0
+            assert state.X.shape == stack + (c, D) and state.K == 0 and type(state.X) is type(W)
             np.testing.assert_allclose(asnumpy(state.X), np.linalg.inv(asnumpy(W))[..., :c, :], rtol=0, atol=1e-5)
     miss = [float(v) for v in op.sq]
     miss[3] = 1e6 * miss[2]                           # a residual far above the bound
