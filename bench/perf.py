@@ -144,21 +144,29 @@ def bp_flops(net, batch, live=True):
     return total
 
 
-def gp_flops(net, batch, stats, steps, ortho_every, solver):
+def gp_flops(net, batch, stats, steps, ortho_every, solver, dtype=np.float32):
     """The GEMM flops of ``steps`` GP training steps: the forward pass, per recursion of the
     rule (stats['recursions']) every layer's weight gradient (on its c live output channels)
     and, per square layer above the first, the solve (refine: B X on c columns of B and the
     residual, M x c x D and M x D x D, plus two GEMMs of M x D x D per correction from
     stats['corrections']; lu: 2/3 D^3 + 2 M D^2), and the regulariser's two D x D x D GEMMs
-    per square 2-D layer every ``ortho_every`` steps. Not counted: the kept inverses' renewals
-    (a fresh inverse or a Newton-Schulz step, see gait_ref.linalg), so the rate is a lower bound."""
+    per square 2-D layer every ``ortho_every`` steps. A float32 layer with M >= D rows and
+    c < D live columns solves from c rows of W^-1 with no residual (gait_ref.linalg's
+    _solve_by_rows): M x c x D (in float64), the Gram matrix M x c x c and the rows' error
+    c x D x D and c x c x D. Not counted: the kept inverses' renewals (a fresh inverse or a
+    Newton-Schulz step, see gait_ref.linalg), so the rate is a lower bound."""
     layers = list(enumerate(net.layers))
     fwd = sum(_gemm(_rows(l, batch), *l.weight_shape) for l in net.layers)
     grads = sum(_gemm(_rows(l, batch), l.weight_shape[-2], _live(net, i)) for i, l in layers)
     square = [(i, l) for i, l in layers[1:] if l.square]
+
+    def refined(i, l):
+        M, c, D = _rows(l, batch), _live(net, i), l.weight_shape[-1]
+        if M >= D and c < D and np.dtype(dtype) == np.float32:
+            return _gemm(M, c, D) + _gemm(c, M, c) + _gemm(c, D, D) + _gemm(c, c, D)
+        return _gemm(M, c, D) + _gemm(M, D, D)
     if solver == "refine":
-        solve = sum(_gemm(_rows(l, batch), _live(net, i), l.weight_shape[-1])
-                    + _gemm(_rows(l, batch), l.weight_shape[-1], l.weight_shape[-1]) for i, l in square)
+        solve = sum(refined(i, l) for i, l in square)
         per_correction = np.mean([2 * _gemm(_rows(l, batch), l.weight_shape[-1], l.weight_shape[-1]) for _, l in square])
         rule = stats["recursions"] * (grads + solve) + stats["corrections"] * per_correction
     else:

@@ -32,7 +32,11 @@ threads steal the cores the other needed (a GEMM then an LU: 42 ms alternating a
   costs 2 D^3 flops (at LAPACK's slower rate), less than the one correction (4 rows D^2) that
   a Newton-Schulz renewal X (2 I - W X) would still need, because the float32 Newton product
   leaves a backward error of 2.8e-6 to 1.1e-5, above the plan's bound / 4, where a fresh
-  inverse leaves about 3e-7 and needs none (conv7, ``python bench/renewal.py``). Elsewhere X is kept, and
+  inverse leaves about 3e-7 and needs none (conv7, ``python bench/renewal.py``). Where such a
+  layer's right-hand sides have only c < D live columns (a square layer's auxiliary channels,
+  ``gait_ref.live``), X is only the c rows of W^-1 they meet, and in float32 the solve's
+  backward error is bounded from the c x D error of those rows and a float64 product instead
+  of the rows x D x D residual (``_RefinedSolve._solve_by_rows``). Elsewhere X is kept, and
   renewed (Newton-Schulz where it is close, else a fresh inverse) when the planned
   corrections pass ``max_corrections(dtype)``; after a renewal the plan is that maximum, not
   one, because the next step's W is a step's drift away again (planning one made a miss, and
@@ -362,6 +366,8 @@ class _RefinedSolve:
         [||W||_2^2 (estimated), ||B||^2, ||x_K||^2, ||r_0||^2, .., ||r_K||^2], 0-d arrays on the
         device."""
         X, W = self.state.X, self.W
+        if X.shape[-2] < X.shape[-1] and B.dtype == np.float32:     # only rows of W^-1 kept: K = 0
+            return self._solve_by_rows(B)
         x = B @ X[..., :B.shape[-1], :]                              # (.., M, D)
         r = _residual(B, x, W)
         r2 = [squared_norm(r)]
@@ -370,4 +376,44 @@ class _RefinedSolve:
             r = _residual(B, x, W)
             r2.append(squared_norm(r))
         self.sq = [self.state.norm_squared(W), squared_norm(B), squared_norm(x)] + r2
+        return x
+
+    def _solve_by_rows(self, B):
+        """x = B_c X_c, where X_c holds the first c rows of a fresh W^-1 (``refresh`` with
+        ``live``; no correction planned) and B_c the c live columns of B. Its backward error
+        is bounded without the residual B - x W, a GEMM of rows x D x D that would cost D / c
+        times the product (conv7's conv2 at batch 64: 1.53 against 0.17 GFLOP), from
+
+            B - x W = B_c E - delta W,   E = I[:c] - X_c W,   delta = x - B_c X_c,
+
+        with the product formed in float64 and rounded to float32 once, so that
+        ||delta||_F <= u ||x||_F + gamma_c ||B_c||_F ||X_c||_F (u = 2^-24 the rounding to
+        float32, gamma_c = c 2^-53 / (1 - c 2^-53) the float64 product's error bound), and
+        ||B_c E||_F^2 = sum(E * (B_c^T B_c) E): a Gram matrix of rows x c x c, and products of
+        c x D x D, all in float64, where the float32 data multiply exactly. Dividing by
+        ||W||_2 ||x||_F, the delta term loses ||W||_2, and the estimate w <= ||W||_2 only
+        enlarges the first term, so
+
+            eta <= ||B_c E||_F / (w ||x||_F) + ||delta||_F / ||x||_F,
+
+        which ``self.sq`` carries as its residual entry (r = w ||x|| eta-bound): the check
+        that follows tests this upper bound on the backward error against the same bound as
+        every other solve (``test_the_row_inverse_solve_bounds_its_backward_error_from_above``).
+        conv7 GP step at 64 px, batch 64: 260 -> 227 ms on the 2-core EPYC
+        (``bench/ab_versions.py``). The float64 product runs at half the float32 rate on
+        CPUs and on data-centre GPUs; on a GPU with a small float64 rate (consumer cards)
+        it may cost more than the residual it replaces: not measured, no GPU was lent."""
+        X, W = self.state.X, self.W
+        xp, c = get_xp(B), B.shape[-1]
+        B64, X64 = B.astype(xp.float64), X.astype(xp.float64)
+        x = (B64 @ X64).astype(B.dtype)                                 # (.., M, D), rounded once
+        E = -(X64 @ W.astype(xp.float64))                               # (.., c, D)
+        E[..., xp.arange(c), xp.arange(c)] += 1                         # I[:c] - X_c W
+        gram = _t(B64) @ B64                                            # (.., c, c)
+        be = xp.sqrt(xp.maximum((E * (gram @ E)).sum(), 0))             # ||B_c E||_F
+        w2, b2, x2 = self.state.norm_squared(W), squared_norm(B), squared_norm(x)
+        u, g = 2.0 ** -24, c * 2.0 ** -53 / (1 - c * 2.0 ** -53)
+        delta = u * xp.sqrt(x2.astype(xp.float64)) + g * xp.sqrt(b2.astype(xp.float64) * (X64 * X64).sum())
+        r = be + xp.sqrt(w2.astype(xp.float64)) * delta
+        self.sq = [w2, b2, x2, (r * r * (1 + 4 * u)).astype(B.dtype)]   # the float32 rounding of r^2 covered
         return x

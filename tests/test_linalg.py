@@ -324,6 +324,41 @@ def _narrow_rows_case(xp, stack):
     assert state.X.shape == W.shape
 
 
+@given(st.integers(0, 2**31 - 1), st.sampled_from([(), (2,)]), st.sampled_from([1.0, 30.0, 1e3]),
+       st.sampled_from([0.0, 1e-6, 1e-4, 1e-2]), st.sampled_from([1e-3, 1.0, 1e3]))
+def test_the_row_inverse_solve_bounds_its_backward_error_from_above(xp, seed, stack, cond, stale, scale):
+    """A renewing layer that keeps only c rows X_c of W^-1 reports, in place of the residual's
+    norm, an upper bound on it (``_RefinedSolve._solve_by_rows``): the backward error the check
+    reads is never below the true one (float64, exact ||W||_2), for any conditioning, any
+    staleness of X_c and any scale of B, and is close to it (within the norm estimate's ratio
+    and a few u), so a stale X_c misses the bound as the full residual would."""
+    from gait_ref.linalg import _RefinedSolve
+    rng = np.random.default_rng(seed)
+    D, c, M = 48, 7, 120
+    U, V = (np.linalg.qr(rng.standard_normal(stack + (D, D)))[0] for _ in range(2))
+    W64 = (U * np.geomspace(1.0, cond, D)) @ V
+    W = W64.astype(np.float32)
+    Xc = np.linalg.inv(W.astype(np.float64))[..., :c, :]
+    Xc = (Xc * (1 + stale * rng.standard_normal(Xc.shape))).astype(np.float32)
+    B = (scale * rng.standard_normal(stack + (M, c))).astype(np.float32)
+    state = RefinedInverse()
+    state.X, state.K = xp.asarray(Xc), 0
+    op = _RefinedSolve(state, xp.asarray(W))
+    x = op.right_solve(xp.asarray(B))
+    assert x.dtype == np.float32 and x.shape == stack + (M, D)
+    sq = [float(v) for v in op.sq]
+    assert len(sq) == 4
+    reported = backward_errors(sq)[0]
+    full = np.zeros(stack + (M, D), np.float32)
+    full[..., :c] = B
+    true = _eta64(full, x, W)
+    assert true <= reported
+    ratio = np.linalg.norm(W.astype(np.float64), 2, axis=(-2, -1)).max() / np.sqrt(sq[0])
+    assert reported <= 1.01 * ratio * true + 8 * 2.0 ** -24, (reported, true, ratio)
+    if stale >= 1e-4:
+        assert reported > residual_bound(np.float32)
+
+
 def test_solver_choice():
     assert solver_for("auto", np.float32) == "refine" and solver_for("auto", np.float64) == "lu"
     with pytest.raises(ValueError, match="--inverse-solver must be one of"):
