@@ -79,6 +79,9 @@ SOLVERS = ("auto", "refine", "lu")
 MAX_CORRECTIONS = {4: 2, 8: 5}
 NEWTON_FROM = 1e-2             # a kept X whose uncorrected solve was this close renews by Newton-Schulz
 POWER_WARMUP = 10              # power-iteration steps from the fixed start vector
+# rows x D entries per block of _RefinedSolve._solve_by_rows's float64 product (32 MiB): at
+# ImageNet's 224 px, batch 256, conv2's whole product would be 1.4 GB of float64
+ROWS_BLOCK = 1 << 22
 
 
 def backward_errors(sq: list, world: int = 1) -> list:
@@ -386,7 +389,8 @@ class _RefinedSolve:
 
             B - x W = B_c E - delta W,   E = I[:c] - X_c W,   delta = x - B_c X_c,
 
-        with the product formed in float64 and rounded to float32 once, so that
+        with the product formed in float64 (by blocks of rows, so its temporaries stay
+        small) and rounded to float32 once, so that
         ||delta||_F <= u ||x||_F + gamma_c ||B_c||_F ||X_c||_F (u = 2^-24 the rounding to
         float32, gamma_c = c 2^-53 / (1 - c 2^-53) the float64 product's error bound), and
         ||B_c E||_F^2 = sum(E * (B_c^T B_c) E): a Gram matrix of rows x c x c, and products of
@@ -405,11 +409,17 @@ class _RefinedSolve:
         it may cost more than the residual it replaces: not measured, no GPU was lent."""
         X, W = self.state.X, self.W
         xp, c = get_xp(B), B.shape[-1]
-        B64, X64 = B.astype(xp.float64), X.astype(xp.float64)
-        x = (B64 @ X64).astype(B.dtype)                                 # (.., M, D), rounded once
+        M, D = B.shape[-2], W.shape[-1]
+        X64 = X.astype(xp.float64)
+        x = xp.empty(B.shape[:-1] + (D,), dtype=B.dtype)
+        gram = xp.zeros(B.shape[:-2] + (c, c), dtype=xp.float64)
+        rows = max(1, ROWS_BLOCK // D)            # float64 temporaries of at most ROWS_BLOCK entries
+        for i in range(0, M, rows):
+            b = B[..., i:i + rows, :].astype(xp.float64)
+            x[..., i:i + rows, :] = b @ X64                             # rounded to float32 once
+            gram += _t(b) @ b                                           # (.., c, c)
         E = -(X64 @ W.astype(xp.float64))                               # (.., c, D)
         E[..., xp.arange(c), xp.arange(c)] += 1                         # I[:c] - X_c W
-        gram = _t(B64) @ B64                                            # (.., c, c)
         be = xp.sqrt(xp.maximum((E * (gram @ E)).sum(), 0))             # ||B_c E||_F
         w2, b2, x2 = self.state.norm_squared(W), squared_norm(B), squared_norm(x)
         u, g = 2.0 ** -24, c * 2.0 ** -53 / (1 - c * 2.0 ** -53)

@@ -333,16 +333,21 @@ def _narrow_rows_case(xp, stack, em=None):
 
 
 @given(st.integers(0, 2**31 - 1), st.sampled_from([(), (2,)]), st.sampled_from([1.0, 30.0, 1e3]),
-       st.sampled_from([0.0, 1e-6, 1e-4, 1e-2]), st.sampled_from([1e-3, 1.0, 1e3]))
-def test_the_row_inverse_solve_bounds_its_backward_error_from_above(xp, seed, stack, cond, stale, scale):
+       st.sampled_from([0.0, 1e-6, 1e-4, 1e-2]), st.sampled_from([1e-3, 1.0, 1e3]), st.sampled_from([None, 7]))
+def test_the_row_inverse_solve_bounds_its_backward_error_from_above(xp, monkeypatch, seed, stack, cond, stale, scale,
+                                                                     block_rows):
     """A renewing layer that keeps only c rows X_c of W^-1 reports, in place of the residual's
     norm, an upper bound on it (``_RefinedSolve._solve_by_rows``): the backward error the check
     reads is never below the true one (float64, exact ||W||_2), for any conditioning, any
     staleness of X_c and any scale of B, and is close to it (within the norm estimate's ratio
-    and a few u), so a stale X_c misses the bound as the full residual would."""
+    and a few u), so a stale X_c misses the bound as the full residual would. ``block_rows``:
+    the float64 product in blocks of 7 rows (120 = 17 x 7 + 1), as it runs on large layers."""
+    from gait_ref import linalg
     from gait_ref.linalg import _RefinedSolve
     rng = np.random.default_rng(seed)
     D, c, M = 48, 7, 120
+    if block_rows is not None:
+        monkeypatch.setattr(linalg, "ROWS_BLOCK", block_rows * D)
     U, V = (np.linalg.qr(rng.standard_normal(stack + (D, D)))[0] for _ in range(2))
     W64 = (U * np.geomspace(1.0, cond, D)) @ V
     W = W64.astype(np.float32)
@@ -354,6 +359,7 @@ def test_the_row_inverse_solve_bounds_its_backward_error_from_above(xp, seed, st
     op = _RefinedSolve(state, xp.asarray(W))
     x = op.right_solve(xp.asarray(B))
     assert x.dtype == np.float32 and x.shape == stack + (M, D)
+    np.testing.assert_allclose(asnumpy(x), (B.astype(np.float64) @ Xc.astype(np.float64)), rtol=2.0 ** -23, atol=0)
     sq = [float(v) for v in op.sq]
     assert len(sq) == 4
     reported = backward_errors(sq)[0]
