@@ -69,6 +69,21 @@ def strip(recs):
 
 @pytest.mark.parametrize("arch,task,rule", CASES)
 def test_train_angles_eval_checkpoint_resume_on_the_emulated_device(tmp_path, shards, arch, task, rule):
+    _train_angles_eval_checkpoint_resume(tmp_path, shards, arch, task, rule)
+
+
+def test_renewing_layers_with_narrow_right_hand_sides_train_and_resume_on_the_emulated_device(tmp_path):
+    """At 64 px and batch 8, conv7's conv2 solves 512 rows a step with D = 216 and 24 live
+    channels: it keeps only 24 rows of W^-1 and bounds its backward error without the residual
+    (gait_ref.linalg, ``_solve_by_rows``). The same checks as above, on that path."""
+    root = tmp_path / "shards64"
+    make_shards(root, n_train=48, n_val=16, size=64, per_shard=8)
+    trainers = _train_angles_eval_checkpoint_resume(tmp_path, root, "conv7", "shards", "gait")
+    conv2 = trainers[0].rule.refined[1]
+    assert conv2.X.shape == (24, 216) and conv2.K == 0, (conv2.X.shape, conv2.K)
+
+
+def _train_angles_eval_checkpoint_resume(tmp_path, shards, arch, task, rule):
     data = dict(task="imagenet", data=str(shards)) if task == "shards" else dict(task="synthetic")
     common = dict(arch=arch, rule=rule, backend="emulated", batch_size=8, angles_every=4, log_every=1000,
                   eval_subset=16, ldrl_iters=2, quiet=True, **data)
@@ -92,6 +107,7 @@ def test_train_angles_eval_checkpoint_resume_on_the_emulated_device(tmp_path, sh
     Trainer(Config(**common, max_steps=2, out=str(tmp_path / "b"))).run()
     Trainer(Config(**common, max_steps=6, out=str(tmp_path / "b"), resume=True)).run()
     assert strip(records(tmp_path / "b")) == strip(a)
+    return trainers
 
 
 def test_host_to_device_copies_with_worker_processes_and_in_memory_data(tmp_path, shards):
