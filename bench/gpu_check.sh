@@ -38,5 +38,7 @@ step "host reads per step (L-DRL, SimpleVGG)" \
     --arch simple-vgg --batch 128 --steps 20
 step "loader rate against the step rate" python bench/loader.py --backend cupy --data "$OUT/shards" \
     --workers 0,2,4,8
+step "renewing layers: float64 row solve against the residual (decides whether it pays on this card)" \
+    python bench/row_solve.py --backend cupy
 step "performance benchmarks" python bench/perf.py --backend cupy
 echo "done: logs in $OUT"
