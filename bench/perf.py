@@ -108,8 +108,12 @@ class Setup:
         self.n, self.xp, self.batch = 0, xp, batch
 
     def updates(self):
+        """The rule's updates, given dL/dy as the training step gives it (gait_ref.step)."""
         tr = self.net.forward(self.x)
         _, gy = self.loss.value_and_grad(tr.output, self.y)
+        K = self.loss.n_classes
+        if getattr(self.rule, "takes_narrow_output_grad", False) and K < gy.shape[1]:
+            gy = gy[:, :K]
         return self.rule.compute(tr, gy)[0]
 
     def train_step(self):
@@ -126,26 +130,29 @@ def _rows(layer, batch):
     return batch * layer.out_shape[1] * layer.out_shape[2] if layer.kind == "conv" else batch
 
 
-def _live(net, l):
+def _live(net, l, K=None):
     """Output channels of layer l that carry gradients: those the layer above reads
-    (``Network.live_channels``); the backward GEMMs run on these columns only."""
+    (``Network.live_channels``), and for the output layer the K classes the loss reads
+    (``TrainStep`` hands the rules only those); the backward GEMMs run on these columns only."""
     c = net.live_channels(l)
+    if l == len(net) - 1 and K is not None:
+        c = min(K, net.layers[l].weight_shape[-1])
     return net.layers[l].weight_shape[-1] if c is None else c
 
 
-def bp_flops(net, batch, live=True):
+def bp_flops(net, batch, live=True, K=None):
     """BP: per layer the forward GEMM (M x D x O), the weight gradient and the input gradient
-    (M x D x c, c the live output channels; the first layer has no input gradient), 2 M K N
-    flops each. ``live=False``: c = O, as autograd computes them (torch's step)."""
+    (M x D x c, c the live output channels, K at the output; the first layer has no input
+    gradient), 2 M K N flops each. ``live=False``: c = O, as autograd computes them (torch's step)."""
     total = 0
     for i, l in enumerate(net.layers):
         M, (D, O) = _rows(l, batch), l.weight_shape
-        c = _live(net, i) if live else O
+        c = _live(net, i, K) if live else O
         total += _gemm(M, D, O) + (1 if i == 0 else 2) * _gemm(M, D, c)
     return total
 
 
-def gp_flops(net, batch, stats, steps, ortho_every, solver, dtype=np.float32):
+def gp_flops(net, batch, stats, steps, ortho_every, solver, dtype=np.float32, K=None):
     """The GEMM flops of ``steps`` GP training steps: the forward pass, per recursion of the
     rule (stats['recursions']) every layer's weight gradient (on its c live output channels)
     and, per square layer above the first, the solve (refine: B X on c columns of B and the
@@ -158,11 +165,11 @@ def gp_flops(net, batch, stats, steps, ortho_every, solver, dtype=np.float32):
     Newton-Schulz step, see gait_ref.linalg), so the rate is a lower bound."""
     layers = list(enumerate(net.layers))
     fwd = sum(_gemm(_rows(l, batch), *l.weight_shape) for l in net.layers)
-    grads = sum(_gemm(_rows(l, batch), l.weight_shape[-2], _live(net, i)) for i, l in layers)
+    grads = sum(_gemm(_rows(l, batch), l.weight_shape[-2], _live(net, i, K)) for i, l in layers)
     square = [(i, l) for i, l in layers[1:] if l.square]
 
     def refined(i, l):
-        M, c, D = _rows(l, batch), _live(net, i), l.weight_shape[-1]
+        M, c, D = _rows(l, batch), _live(net, i, K), l.weight_shape[-1]
         if M >= D and c < D and np.dtype(dtype) == np.float32:
             return _gemm(M, c, D) + _gemm(c, M, c) + _gemm(c, D, D) + _gemm(c, c, D)
         return _gemm(M, c, D) + _gemm(M, D, D)
@@ -241,7 +248,7 @@ def bench_efficiency(xp, quick):
         synchronize(xp)
         dt = (time.perf_counter() - t) / n
         st = {k: s.rule.stats[k] - st0[k] for k in st0}
-        fl = gp_flops(s.net, b, st, n, 1, "refine") / n
+        fl = gp_flops(s.net, b, st, n, 1, "refine", K=s.loss.n_classes) / n
         eff = fl / dt / 1e9 / peak
         target = " (target 70%: " + ("met)" if eff >= 0.7 else "NOT met)") if name == "mlp-deep" else ""
         print(f"- {name} batch {b}: {fl / 1e9:.1f} GFLOP per GP step in {dt * 1e3:.0f} ms = {fl / dt / 1e9:.0f} GFLOP/s; "
@@ -334,8 +341,8 @@ def bench_gemm(xp, quick):
     for inv in (False, True):
         s = Setup("conv7-64px", "bp", xp, np.float32, b, invertible=inv)
         t = timed(s.updates, xp, repeats=2 if quick else 5)
-        fl = bp_flops(s.net, b)
-        g = bp_gemms_alone(s.net, b, xp, repeats=2 if quick else 5)
+        fl = bp_flops(s.net, b, K=s.loss.n_classes)
+        g = bp_gemms_alone(s.net, b, xp, repeats=2 if quick else 5, K=s.loss.n_classes)
         print(f"- conv7 64 px ({'square' if inv else 'ordinary'}), batch {b}: {fl / 1e9:.2f} GFLOP per BP step in "
               f"{t * 1e3:.0f} ms = {fl / t / 1e9:.1f} GFLOP/s; square {n} matmul {peak:.1f} GFLOP/s; "
               f"{100 * fl / t / 1e9 / peak:.0f}% of GEMM. The step's GEMMs alone, each timed on its own: "
@@ -343,7 +350,7 @@ def bench_gemm(xp, quick):
               "no other work)", flush=True)
 
 
-def bp_gemms_alone(net, batch, xp, repeats):
+def bp_gemms_alone(net, batch, xp, repeats, K=None):
     """Seconds for the GEMMs that ``bp_flops`` counts, each timed alone on random matrices of the
     step's shapes and layouts: forward rows @ W, weight gradient rows^T @ grad, input gradient
     grad @ W[:, :c]^T (not for the first layer), c the live output channels. A bound on BP's
@@ -351,7 +358,7 @@ def bp_gemms_alone(net, batch, xp, repeats):
     rng = np.random.default_rng(0)
     total = 0.0
     for i, l in enumerate(net.layers):
-        M, (D, O), c = _rows(l, batch), l.weight_shape, _live(net, i)
+        M, (D, O), c = _rows(l, batch), l.weight_shape, _live(net, i, K)
         a, w, gr = (to_device(rng.random(shape, dtype=np.float32), xp) for shape in ((M, D), (D, O), (M, c)))
         products = [lambda: a @ w, lambda: a.T @ gr] + ([lambda: gr @ w[:, :c].T] if i else [])
         total += sum(timed(f, xp, repeats=repeats) for f in products)
@@ -455,9 +462,9 @@ def bench_torch(xp, quick):
                                                  str(2 if quick else 10)] for which in ("ours", "torch")},
                                         2 if quick else 3)
             t = {k: v[0] for k, v in med.items()}
-            bp_net = Setup(name, "bp", np, np.float32, b, invertible=net == "square").net
+            bp = Setup(name, "bp", np, np.float32, b, invertible=net == "square")
             # each library's own flops: autograd's backward also multiplies the auxiliary channels' zeros
-            fl = {"ours": bp_flops(bp_net, b), "torch": bp_flops(bp_net, b, live=False)}
+            fl = {"ours": bp_flops(bp.net, b, K=bp.loss.n_classes), "torch": bp_flops(bp.net, b, live=False)}
             eff = {k: f"{100 * fl[k] / v / 1e9 / peak:.0f}%" for k, v in t.items()}
             print(f"- {name} batch {b} float32 BP (forward + backward, {net} net, separate processes): gait_ref "
                   f"{t['ours'] * 1e3:.0f} ms ({eff['ours']} of GEMM), torch {t['torch'] * 1e3:.0f} ms "

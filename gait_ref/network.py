@@ -108,11 +108,13 @@ class Network:
         replaces delta_l W_l^T: feedback alignment (Lillicrap et al. 2016).
 
         Each delta holds only the channels the layer above reads (``live_channels``); those
-        of the auxiliary units are zero. gy : dL/dy_L, shaped like the output. Returns a
-        list of {'W', 'b'} per layer.
+        of the auxiliary units are zero. gy : dL/dy_L, shaped like the output, or only its
+        first c units (the rest zero: those the loss reads, see ``TrainStep``). Returns a
+        list of {'W', 'b'} per layer, shaped like the parameters.
         """
         grads = [None] * len(self.layers)
-        delta = gy * self.activations[-1].deriv(tr.hs[-1])
+        c = gy.shape[1]
+        delta = gy * self.activations[-1].deriv(tr.hs[-1] if c == tr.hs[-1].shape[1] else tr.hs[-1][:, :c])
         for l in range(len(self.layers) - 1, -1, -1):
             layer = self.layers[l]
             grads[l] = layer.param_grads(delta, tr.caches[l])

@@ -89,6 +89,13 @@ class TrainStep:
         batch = BatchSlice(n_total, start, self.comm)
         tr = net.forward(x)
         loss, gy = self.loss.value_and_grad(tr.output, y, n_total)
+        # a square output layer's auxiliary units: the loss reads only the first K outputs, so
+        # dL/dy is zero on the rest, and the rules that take it narrow (BP, FA, the target
+        # rules' difference form) run the output layer's backward GEMMs on those K columns
+        K = getattr(self.loss, "n_classes", None)            # None: a loss that may read every output
+        gy_read = gy[:, :K] if K is not None and gy.ndim == 2 and K < gy.shape[1] else gy
+        if getattr(self.rule, "takes_narrow_output_grad", False):
+            gy = gy_read
         train_forward, train_feedback = self.phases(epoch)
         grads, info, fb_loss = None, {}, {}
         if self.learned_feedback:
@@ -115,7 +122,7 @@ class TrainStep:
         keys = [(l, k) for l, g in enumerate(grads) for k in sorted(g)] if grads is not None else []
         arrays = [grads[l][k] for l, k in keys] + stats
         if measure:
-            bp_grads, _ = self.bp.compute(tr, gy)
+            bp_grads, _ = self.bp.compute(tr, gy_read)
             dist = info.get("target_distance", [])
             arrays += [bp_grads[l][k] for l, k in keys] + [xp.full((), d, dtype=dtype) if isinstance(d, float)
                                                            else d.astype(dtype) for d in dist]

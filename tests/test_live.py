@@ -127,3 +127,69 @@ def test_rules_hand_each_layer_only_its_live_channels(xp, rule, monkeypatch):
     for a, b in zip(narrow, wide):
         for k in a:
             _close(a[k], b[k], 1e-9)
+
+
+RULE_FORMS = [("bp", "difference"), ("fa", "difference"), ("gait", "difference"), ("gait", "absolute"),
+              ("itp", "difference")]
+
+
+@pytest.mark.parametrize("rule,form", RULE_FORMS)
+def test_rules_take_the_output_gradient_on_the_units_the_loss_reads(xp, rule, form, monkeypatch):
+    """A square output layer wider than the K classes: the loss's gradient is zero past K, and
+    handed only its first K columns, BP, FA and the target rules give the updates they give with
+    the zeros written out (the absolute form writes them out itself); those that take it narrow
+    run the output layer's weight gradient on K columns."""
+    net = _square_conv_net()
+    rng = np.random.default_rng(1)
+    for layer in net.layers:
+        init_well_conditioned(layer, rng, xp, skew=0.1)
+    K = 3
+    assert net.layers[-1].n_out > K
+    x = rand(rng, (5,) + net.in_shape, xp)
+    tr = net.forward(x)
+    _, gy = SoftmaxCrossEntropy(K).value_and_grad(tr.output, xp.asarray(rng.integers(0, K, 5)))
+    kw = {"inverse_solver": "refine", "form": form} if rule in ("gait", "itp") else {}
+    wide = make_rule(rule, net, seed=0, **kw).compute(tr, gy)[0]
+    r = make_rule(rule, net, seed=0, **kw)
+    assert getattr(r, "takes_narrow_output_grad", False) == (form == "difference")
+    out = net.layers[-1]
+    seen = []
+    f = out.param_grads
+    monkeypatch.setattr(out, "param_grads", lambda a, *rest, **k: seen.append(a.shape[1]) or f(a, *rest, **k))
+    narrow = r.compute(tr, gy[:, :K])[0]
+    assert seen == [K if form == "difference" else out.n_out]
+    for a, b in zip(narrow, wide):
+        for k in a:
+            _close(a[k], b[k], 1e-9)
+
+
+@pytest.mark.parametrize("rule", ["bp", "gait"])
+def test_the_training_step_hands_the_rules_the_units_the_loss_reads(xp, rule, monkeypatch):
+    """TrainStep narrows dL/dy to the loss's K classes for the rules that take it: a step's
+    updated parameters (and BP's for the angle) equal those of a step that hands over the
+    whole output, with zeros past K (float64)."""
+    from gait_ref.optim import Adam
+    from gait_ref.rules import BP, TargetRule
+    from gait_ref.step import TrainStep
+    K, params = 3, []
+    rng0 = np.random.default_rng(2)
+    x, labels = rand(rng0, (6, 2, 8, 8), xp), xp.asarray(rng0.integers(0, K, 6))
+    for narrow in (True, False):
+        if not narrow:
+            monkeypatch.setattr(BP, "takes_narrow_output_grad", False)
+            monkeypatch.setattr(TargetRule, "takes_narrow_output_grad", property(lambda self: False))
+        net = _square_conv_net()
+        rng = np.random.default_rng(1)
+        for layer in net.layers:
+            init_well_conditioned(layer, rng, xp, skew=0.1)
+        step = TrainStep(net, SoftmaxCrossEntropy(K), make_rule(rule, net, seed=0), Adam(lr=1e-3))
+        res = step(x, labels, step=1, epoch=0, measure=True)
+        params.append(({k: asnumpy(v).copy() for k, v in net.parameters().items()}, res.measured))
+    (a, ma), (b, mb) = params
+    assert a.keys() == b.keys()
+    for k in a:
+        _close(a[k], b[k], 1e-9)
+    assert ma["angles_deg"].keys() == mb["angles_deg"].keys() and len(ma["angles_deg"]) == 4
+    for k in ma["angles_deg"]:          # the rule's updates against BP's, both given the narrow gradient
+        assert abs(ma["angles_deg"][k] - mb["angles_deg"][k]) <= 1e-6, (k, ma["angles_deg"], mb["angles_deg"])
+        assert abs(ma["norm_ratio"][k] - mb["norm_ratio"][k]) <= 1e-9 * max(1.0, abs(mb["norm_ratio"][k]))

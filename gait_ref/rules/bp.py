@@ -5,6 +5,7 @@ from __future__ import annotations
 class BP:
     name = "bp"
     needs_square = False
+    takes_narrow_output_grad = True      # gy with only the output units the loss reads (Network.backward)
 
     def __init__(self, net):
         self.net = net

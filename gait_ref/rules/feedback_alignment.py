@@ -32,6 +32,7 @@ def draw_feedback(net, shapes, seed: int, init: str):
 class FA:
     name = "fa"
     needs_square = False
+    takes_narrow_output_grad = True      # gy with only the output units the loss reads (Network.backward)
 
     def __init__(self, net, seed: int = 0, init: str = "orthogonal"):
         self.net = net

@@ -56,6 +56,7 @@ import numpy as np
 
 from ..backend import get_xp, read_scalars
 from ..distributed import BatchSlice
+from ..live import widen
 from ..linalg import (InverseFailure, RefinedInverse, SingularWeights, SquareInverse, max_corrections, residual_bound,
                       solver_for)
 
@@ -158,7 +159,7 @@ class TargetRule:
             return grads, info
         batch = BatchSlice.whole(gy.shape[0]) if batch is None else batch
         bound = residual_bound(gy.dtype)
-        live = self._live_channels()
+        live = self._live_channels(tr, gy)
         for attempt in range(2 + max_corrections(gy.dtype)):    # corrections added, then fresh inverses
             ops = {}
 
@@ -208,10 +209,22 @@ class TargetRule:
         for l, r in enumerate(self.refined):
             r.load_state_dict(state, f"inverse/{l}/", xp)
 
-    def _live_channels(self) -> list:
-        """Per layer, the leading output channels that carry d (``Network.live_channels``) in
-        the difference form; the absolute form carries whole targets (None: all)."""
-        return [self.net.live_channels(l) if self.form == "difference" else None for l in range(len(self.net))]
+    @property
+    def takes_narrow_output_grad(self) -> bool:
+        """Whether ``compute`` takes dL/dy_L holding only the output units the loss reads
+        (``TrainStep``): the difference form, whose d_L is then that narrow too."""
+        return self.form == "difference"
+
+    def _live_channels(self, tr, gy) -> list:
+        """Per layer, the leading output channels that carry d (``Network.live_channels``;
+        for the top layer, the units gy holds) in the difference form; the absolute form
+        carries whole targets (None: all)."""
+        if self.form != "difference":
+            return [None] * len(self.net)
+        live = [self.net.live_channels(l) for l in range(len(self.net))]
+        if gy.shape[1] < tr.ys[-1].shape[1]:
+            live[-1] = gy.shape[1]
+        return live
 
     def _recursion(self, tr, gy, make_op):
         """The target recursion (see the module docstring); ``make_op(l, W)`` gives layer l's
@@ -221,13 +234,16 @@ class TargetRule:
         L = len(net)
         grads, dist = [None] * L, [None] * L
         yL = tr.ys[-1]
+        # difference form: d_l holds only the channels the layer above reads (its auxiliary
+        # units' targets are their forward values, d = 0 there), and so does every array
+        # made from it; the layers' GEMMs run on those channels (gait_ref.live). d_L holds
+        # the output units gy holds: those the loss reads, where TrainStep narrows it.
+        live = self._live_channels(tr, gy)
+        if self.form == "absolute" and gy.shape[1] < yL.shape[1]:
+            gy = widen(gy, yL.shape[1])                   # whole targets: the loss's zeros written out
         d = -gy                                   # d_L = t_L - y_L = -dL/dy_L
         t = yL - gy if self.form == "absolute" else None
         s = xp.ones(yL.shape[0], dtype=yL.dtype)  # the per-sample scale s_l
-        # difference form: d_l holds only the channels the layer above reads (its auxiliary
-        # units' targets are their forward values, d = 0 there), and so does every array
-        # made from it; the layers' GEMMs run on those channels (gait_ref.live)
-        live = self._live_channels()
         for l in range(L - 1, -1, -1):
             layer, f, c = net.layers[l], net.activations[l], live[l]
             y, h = (tr.ys[l], tr.hs[l]) if c is None else (tr.ys[l][:, :c], tr.hs[l][:, :c])
