@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -22,10 +21,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import blas_line  # noqa: E402
+from perf import interleaved  # noqa: E402
 
 from gait_ref.architectures import build  # noqa: E402
-from gait_ref.backend import get_backend, synchronize, to_device  # noqa: E402
-from gait_ref.linalg import RefinedInverse, _RefinedSolve, _residual, squared_norm  # noqa: E402
+from gait_ref.backend import get_backend, to_device  # noqa: E402
+from gait_ref.linalg import (RefinedInverse, _RefinedSolve, _residual, backward_errors, residual_bound,  # noqa: E402
+                             squared_norm)
 from gait_ref.rules.targets import _solve_rows  # noqa: E402
 
 BATCH = {64: 64, 224: 256}
@@ -53,6 +54,12 @@ def residual_solve(B, Xc, W, state):
     return x, [state.norm_squared(W), squared_norm(B), squared_norm(x), squared_norm(r)]
 
 
+def row_solve(B, W, state):
+    """The path the step runs (``_RefinedSolve._solve_by_rows``)."""
+    op = _RefinedSolve(state, W)
+    return op.right_solve(B), op.sq
+
+
 @click.command()
 @click.option("--backend", default="numpy", type=click.Choice(["numpy", "cupy"]))
 @click.option("--px", default="64,224", show_default=True)
@@ -75,27 +82,11 @@ def main(backend, px, repeats):
             state.K = 0
             state.refresh(W, live=c)                         # the c rows a renewing layer keeps
             assert state.X.shape == (c, D)
-            fns = {"residual": lambda: residual_solve(B, state.X, W, state),
-                   "rows": lambda: _RefinedSolve(state, W).right_solve(B)}
-            ok = {}
-            for k in fns:                                    # warm-up, and the bound each path reports
-                if k == "rows":
-                    op = _RefinedSolve(state, W)
-                    op.right_solve(B)
-                    sq = op.sq
-                else:
-                    sq = fns[k]()[1]
-                s2, _, x2, r2 = (float(v) for v in sq)
-                ok[k] = np.sqrt(r2) / np.sqrt(s2 * x2) <= 64 * np.finfo(np.float32).eps
-            times = {k: [] for k in fns}
-            for _ in range(repeats):
-                for k, f in fns.items():
-                    synchronize(xp)
-                    t = time.perf_counter()
-                    f()
-                    synchronize(xp)
-                    times[k].append(time.perf_counter() - t)
-            a, b = (float(np.median(times[k])) * 1e3 for k in ("residual", "rows"))
+            fns = {"residual": lambda: residual_solve(B, state.X, W, state), "rows": lambda: row_solve(B, W, state)}
+            # the backward error (or its bound) each path reports, against the bound every solve must meet
+            ok = {k: backward_errors(f()[1])[0] <= residual_bound(np.float32) for k, f in fns.items()}
+            t = interleaved(fns, xp, reps=repeats, steps=1)
+            a, b = t["residual"] * 1e3, t["rows"] * 1e3
             print(f"| {p} px, batch {BATCH[p]} | {name} | {rows} | {D} | {c} | {a:.2f} | {b:.2f} | {b / a:.2f} | "
                   f"{'yes' if all(ok.values()) else 'NO: ' + str(ok)} |", flush=True)
 

@@ -57,6 +57,16 @@ class StepResult:
         return bad[0] if bad else None
 
 
+def output_grad_read(loss, gy):
+    """dL/dy on the output units the loss reads. A square output layer has auxiliary units:
+    the losses read only the first K = ``loss.n_classes`` outputs, so dL/dy is zero on the
+    rest, and the rules that take it narrow (``takes_narrow_output_grad``: BP, FA, the target
+    rules' difference form) run the output layer's backward GEMMs on those K columns. gy
+    itself for a loss without ``n_classes`` (it may read every output)."""
+    K = getattr(loss, "n_classes", None)
+    return gy[:, :K] if K is not None and gy.ndim == 2 and K < gy.shape[1] else gy
+
+
 class TrainStep:
     def __init__(self, net, loss, rule, opt, *, ortho_lambda: float = 0.0, ortho_form: str = "full",
                  ortho_every: int = 1, schedule: str = "parallel", seed: int = 0, comm=LOCAL,
@@ -89,11 +99,7 @@ class TrainStep:
         batch = BatchSlice(n_total, start, self.comm)
         tr = net.forward(x)
         loss, gy = self.loss.value_and_grad(tr.output, y, n_total)
-        # a square output layer's auxiliary units: the loss reads only the first K outputs, so
-        # dL/dy is zero on the rest, and the rules that take it narrow (BP, FA, the target
-        # rules' difference form) run the output layer's backward GEMMs on those K columns
-        K = getattr(self.loss, "n_classes", None)            # None: a loss that may read every output
-        gy_read = gy[:, :K] if K is not None and gy.ndim == 2 and K < gy.shape[1] else gy
+        gy_read = output_grad_read(self.loss, gy)
         if getattr(self.rule, "takes_narrow_output_grad", False):
             gy = gy_read
         train_forward, train_feedback = self.phases(epoch)

@@ -146,7 +146,7 @@ class TargetRule:
         if solver_for(self.solver, gy.dtype) == "lu":
             ops = {}
 
-            def fresh_op(l, W):
+            def fresh_op(l, W, live):
                 ops[l] = SquareInverse(W)
                 return ops[l]
             try:
@@ -159,13 +159,12 @@ class TargetRule:
             return grads, info
         batch = BatchSlice.whole(gy.shape[0]) if batch is None else batch
         bound = residual_bound(gy.dtype)
-        live = self._live_channels(tr, gy)
         for attempt in range(2 + max_corrections(gy.dtype)):    # corrections added, then fresh inverses
             ops = {}
 
-            def make_op(l, W):
+            def make_op(l, W, live):
                 rows = _solve_rows(tr.ys[l], W, batch.n_total)
-                ops[l] = self.refined[l].operator(W, rows, retry=attempt > 0, live=live[l])
+                ops[l] = self.refined[l].operator(W, rows, retry=attempt > 0, live=live)
                 return ops[l]
             grads, info = self._recursion(tr, gy, make_op)
             layers = sorted(ops)
@@ -227,8 +226,9 @@ class TargetRule:
         return live
 
     def _recursion(self, tr, gy, make_op):
-        """The target recursion (see the module docstring); ``make_op(l, W)`` gives layer l's
-        solver for this step."""
+        """The target recursion (see the module docstring); ``make_op(l, W, live)`` gives
+        layer l's solver for this step, whose right-hand sides hold ``live`` columns (None:
+        all)."""
         net = self.net
         xp = get_xp(gy)
         L = len(net)
@@ -256,7 +256,7 @@ class TargetRule:
                 break
             gamma = self._gamma(d, dn, tr.ys[l][0].size)
             eps = self._eps(gamma, fp)
-            op = make_op(l, layer.params["W"])
+            op = make_op(l, layer.params["W"], c)
             if self.form == "difference":
                 # d_{l-1} = (f^-1(y + eps d) - f^-1(y)) W^-1, exactly
                 d = layer.inverse_delta(f.inverse_difference(y, eps * d), tr.caches[l], op,
