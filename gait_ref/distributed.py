@@ -100,6 +100,11 @@ def import_mpi():
     return MPI
 
 
+# a peer may finish the last collective and exit while this rank is still returning from it; a
+# rank that has waited this long for a peer whose process is gone is waiting for nothing
+PEER_EXIT_GRACE_S = 2.0
+
+
 class MPIComm:
     """Ranks of ``mpirun``/``srun``: sums over MPI_COMM_WORLD, with NCCL on device backends.
 
@@ -116,6 +121,19 @@ class MPIComm:
     seconds: a peer that died or hangs cannot leave the others waiting forever. With a
     run folder, each rank's watchdog also writes ``.ranks/rank-<r>.json`` (last step, time,
     pid, host) every few seconds, so the message can name the ranks that stopped.
+
+    A peer on this node that has exited while this rank waits in a collective ends the job
+    after ``PEER_EXIT_GRACE_S`` seconds, naming the peer, without waiting for the timeout:
+    not every launcher ends a job when one task dies (Slurm's srun does not by default).
+
+    A collective that fails outright raises (``MPI.ERRORS_RETURN``, mpi4py's default, set
+    here whatever ``mpi4py.rc`` says) and the rank that saw it aborts the job with MPI's
+    cause, naming the peers on this node that have exited (else the heartbeat files say who
+    stopped). Every rank's pid and host are gathered at start-up; a peer counts as exited
+    when its process is gone or a zombie. An error that MPICH itself marks fatal (a peer
+    that died mid-transfer: ``process_vm_readv failed (errno 3)``) is first reported by
+    MPICH, which asks the launcher to end the job; the name follows if the launcher's kill
+    comes late enough.
     """
 
     name = "mpi"
@@ -139,6 +157,12 @@ class MPIComm:
         # one write, so that two ranks' lines cannot interleave (print writes the newline apart)
         sys.stderr.write(f"rank {self.rank} of {self.size}: pid {os.getpid()} on {self._host}\n")
         sys.stderr.flush()
+        self._peers = self.world.allgather((os.getpid(), self._host))      # rank -> (pid, host)
+        # the peers on this node whose processes this rank can see (all are alive now: a
+        # rank in another pid namespace would look gone, so it is never watched)
+        self._watched = [r for r, (pid, h) in enumerate(self._peers)
+                         if r != self.rank and h == self._host and not process_gone(pid)]
+        self.world.Set_errhandler(MPI.ERRORS_RETURN)
         import threading
         self._stop = threading.Event()
         self._watchdog = threading.Thread(target=self._watch, name=f"gait_ref-watchdog-{self.rank}", daemon=True)
@@ -208,6 +232,9 @@ class MPIComm:
             self._wait_what, self._wait_since = what, time.monotonic()
         try:
             yield
+        except self.MPI.Exception as e:
+            self.abort(f"rank {self.rank}: {what} after step {self._step} failed (MPI: {mpi_error_summary(e)}); "
+                       f"{self._lost_ranks()}; aborting the job", code=4)
         finally:
             self._wait_since = None
 
@@ -231,6 +258,11 @@ class MPIComm:
                 except OSError:
                     pass
             since = self._wait_since
+            if since is not None and now - since > PEER_EXIT_GRACE_S:
+                gone = lost_ranks(self._peers, self._watched)
+                if gone:
+                    self.abort(f"rank {self.rank}: {self._wait_what} after step {self._step} waits for "
+                               f"{'; '.join(gone)}; aborting the job", code=4)
             if since is not None and now - since > self.timeout:
                 self.abort(f"rank {self.rank}: {self._wait_what} after step {self._step} has waited "
                            f"{now - since:.0f} s (--comm-timeout {self.timeout:g}); {self._stale_ranks()}; "
@@ -253,12 +285,20 @@ class MPIComm:
                             f"{now - b['time']:.0f} s ago")
         return "; ".join(seen) if seen else "every peer rank is alive but not progressing"
 
+    def _lost_ranks(self) -> str:
+        gone = lost_ranks(self._peers, self._watched)
+        if gone:
+            return "; ".join(gone)
+        return self._stale_ranks() if self.run_dir else "no peer rank on this node has exited"
+
     def abort(self, message: str, code: int = 1) -> None:
         """Print ``message`` and end every rank of the job. With a run folder the message is
         also written to ``.ranks/abort-rank-<r>.txt``: the launcher forwards a rank's stderr
         through a pipe that MPI_Abort's tear-down can close before the last line is read
         (seen on a loaded 2-core machine), and a cluster's job log may be lost. A second's
-        pause before the abort gives the launcher time to forward it."""
+        pause before the abort gives the launcher time to forward it. MPICH's MPI_Abort
+        returns once it has asked the launcher to end the job (the launcher's kill comes
+        later), so the process then exits itself: nothing after an abort runs."""
         print(message, file=sys.stderr, flush=True)
         if self.run_dir:
             try:
@@ -276,6 +316,45 @@ class MPIComm:
             except Exception:  # pragma: no cover - best effort before MPI_Abort
                 pass
         self.world.Abort(code)
+        os._exit(code)
 
     def close(self) -> None:
         self._stop.set()
+
+
+def process_gone(pid: int) -> bool:
+    """Whether process ``pid`` on this host has exited: no such process, or a zombie (killed,
+    not yet reaped by its launcher, which is when a peer's failed transfer is seen)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    except OSError:                                            # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+    return stat[stat.rindex(")") + 2:][:1] in ("Z", "X")      # the state field follows "(comm)"
+
+
+def lost_ranks(peers, watched) -> list:
+    """'rank r (pid p on host) has exited' for every rank r in ``watched`` (peers on this
+    node; other nodes' processes cannot be looked at from here) whose process is gone;
+    ``peers[r]`` is rank r's (pid, host)."""
+    return [f"rank {r} (pid {peers[r][0]} on {peers[r][1]}) has exited" for r in watched
+            if process_gone(peers[r][0])]
+
+
+def mpi_error_summary(e) -> str:
+    """An MPI error's class and its innermost cause on one line: MPICH's message is the
+    class (``Message truncated, error stack:``) then a call stack whose last line is what
+    actually failed (``copy_iovs(224): process_vm_readv failed (errno 3)``)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    head = lines[0].removesuffix("error stack:").rstrip(" ,")
+    causes = [c for c in (ln.partition(":")[2].strip() for ln in lines[1:]) if c]
+    return f"{head}: {causes[-1]}" if causes else head
