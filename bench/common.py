@@ -50,18 +50,29 @@ def blas_line() -> str:
                                 for d in blas_info())
 
 
-def interleaved_ms(fns: dict, repeats: int) -> dict:
-    """Median milliseconds per call of each function, timed A, B, A, B ... after one warm-up
-    call each (host timing: for the CPU only)."""
-    times = {k: [] for k in fns}
+def interleaved(fns: dict, xp=np, reps: int = 5, steps: int = 1, per_repeat: bool = False) -> dict:
+    """Median seconds per call of each function, timed A, B, A, B ... after one warm-up call
+    each, ``steps`` calls each time, synchronising ``xp``'s device around each timing
+    (``per_repeat``: every repeat's time, in order, instead of the median)."""
     for f in fns.values():
         f()
-    for _ in range(repeats):
+    times = {k: [] for k in fns}
+    for _ in range(reps):
         for k, f in fns.items():
+            synchronize(xp)
             t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
-    return {k: 1e3 * float(np.median(v)) for k, v in times.items()}
+            for _ in range(steps):
+                f()
+            synchronize(xp)
+            times[k].append((time.perf_counter() - t) / steps)
+    if per_repeat:
+        return {k: np.array(v) for k, v in times.items()}
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def interleaved_ms(fns: dict, repeats: int) -> dict:
+    """``interleaved`` on the host, in milliseconds per call."""
+    return {k: 1e3 * v for k, v in interleaved(fns, reps=repeats).items()}
 
 
 def alternating_processes(argvs: dict, repeats: int) -> dict:

@@ -46,7 +46,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import alternating_processes, timed  # noqa: E402
+from common import alternating_processes, interleaved, timed  # noqa: E402
 
 from gait_ref.architectures import build  # noqa: E402
 from gait_ref.backend import get_backend, synchronize, to_device, to_numpy  # noqa: E402
@@ -186,25 +186,6 @@ def gp_flops(net, batch, stats, steps, ortho_every, solver, dtype=np.float32, K=
 def gemm_rate(xp, n=2048):
     a = to_device(np.random.default_rng(0).random((n, n), dtype=np.float32), xp)
     return 2 * n ** 3 / timed(lambda: a @ a, xp, repeats=3) / 1e9
-
-
-def interleaved(fns: dict, xp, reps: int, steps: int, per_repeat: bool = False) -> dict:
-    """Median seconds per call of each function, timed A, B, A, B ..., ``steps`` calls each
-    time (``per_repeat``: every repeat's time, in order, instead of the median)."""
-    for f in fns.values():
-        f()
-    times = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, f in fns.items():
-            synchronize(xp)
-            t = time.perf_counter()
-            for _ in range(steps):
-                f()
-            synchronize(xp)
-            times[k].append((time.perf_counter() - t) / steps)
-    if per_repeat:
-        return {k: np.array(v) for k, v in times.items()}
-    return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def bench_ratio(xp, quick, dtype=np.float32):

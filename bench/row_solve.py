@@ -20,8 +20,7 @@ import click
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import blas_line  # noqa: E402
-from perf import interleaved  # noqa: E402
+from common import blas_line, interleaved  # noqa: E402
 
 from gait_ref.architectures import build  # noqa: E402
 from gait_ref.backend import get_backend, to_device  # noqa: E402
