@@ -165,6 +165,7 @@ def main(config_file, print_config, **opts):
         return
     from gait_ref.architectures import ArchitectureError
     from gait_ref.distributed import LOCAL
+    from gait_ref.stopping import StopRequested
     from gait_ref.train import DivergenceError, Trainer
     comm = LOCAL
     try:
@@ -174,6 +175,11 @@ def main(config_file, print_config, **opts):
             comm = MPIComm(cfg.comm_timeout)
             use_device(cfg.backend, comm.local_rank)        # this rank's GPU, before anything allocates
         Trainer(cfg, comm).run()
+    except StopRequested as e:          # every rank stopped after the same step, checkpointed
+        if comm.is_root:
+            click.echo(str(e), err=True)
+        comm.close()
+        sys.exit(128 + e.signum)
     except (BackendError, DataFormatError, ArchitectureError, DivergenceError, ValueError, RuntimeError) as e:
         _fail(comm, str(e), 2)
     except KeyboardInterrupt:

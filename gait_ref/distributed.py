@@ -44,6 +44,10 @@ class LocalComm:
     def allgather_object(self, obj) -> list:
         return [obj]
 
+    def max_int(self, value: int) -> int:
+        """The largest of the ranks' ``value``s (a host number)."""
+        return int(value)
+
     def barrier(self, timeout: bool = True) -> None:
         pass
 
@@ -219,6 +223,10 @@ class MPIComm:
     def allgather_object(self, obj) -> list:
         with self.waiting("an all-gather"):
             return self.world.allgather(obj)
+
+    def max_int(self, value: int) -> int:
+        with self.waiting("agreeing on a stop"):
+            return int(self.world.allreduce(int(value), op=self.MPI.MAX))
 
     def barrier(self, timeout: bool = True) -> None:
         with self.waiting("a barrier", timeout):

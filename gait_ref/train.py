@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import platform
+import signal
 import sys
 import time
 from pathlib import Path
@@ -42,8 +43,9 @@ from .losses import make_loss
 from .optim import SGD, Adam
 from .orthogonality import orthogonality_report
 from .rules import make_rule
-from .runfolder import RunFolder
+from .runfolder import CHECKPOINT, RunFolder
 from .step import TrainStep, topk_correct
+from .stopping import StopRequested, on_stop_signals
 
 
 class DivergenceError(RuntimeError):
@@ -106,6 +108,7 @@ class Trainer:
             image_size=cfg.image_size, part=part)
         self.best_val = {"top1": -1.0, "epoch": -1}      # early stopping (--patience); checkpointed
         self.stopped_early = False
+        self.stop_signum = 0                # set by SIGTERM / SIGUSR1 (gait_ref.stopping)
         self.net = build(cfg.arch, self.train_loader.in_shape, self.data.n_classes, self.invertible,
                          linear=cfg.linear)
         self.net.init(cfg.seed, cfg.init, self.xp, self.dtype)
@@ -315,7 +318,8 @@ class Trainer:
         if self.out is not None:
             self.out.acquire()
         try:
-            return self._run(on_step)
+            with on_stop_signals(self._request_stop):
+                return self._run(on_step)
         finally:
             if self.out is not None:
                 self.out.release()
@@ -348,6 +352,8 @@ class Trainer:
             last = None
             while self.epoch < cfg.epochs and self.step < max_steps and not self.stopped_early:
                 last = self._run_epoch(max_steps, on_step)
+                if self.stop_signum:
+                    self._stop()
                 if self.batch >= per_epoch:  # the epoch finished
                     last = self._flush_train() or last
                     self.epoch, self.batch = self.epoch + 1, 0
@@ -374,6 +380,20 @@ class Trainer:
                 msg += f"; the last good checkpoint is kept in {kept}"
             raise DivergenceError(msg) from None
         return self
+
+    def _request_stop(self, signum: int) -> None:
+        """The signal handler (``gait_ref.stopping``): stop after the step in progress."""
+        self.stop_signum = signum
+
+    def _stop(self):
+        """Checkpoint the completed step and end the run with ``StopRequested``. Nothing is
+        logged or evaluated here: the checkpoint holds the train metrics accumulated so far,
+        and ``--resume`` writes the records an uninterrupted run would have written."""
+        name = signal.Signals(self.stop_signum).name
+        self.save()
+        where = (f"the checkpoint of step {self.step} is in {Path(self.cfg.out) / CHECKPOINT}; continue with --resume"
+                 if self.cfg.out else "nothing saved (no --out)")
+        raise StopRequested(f"stopped by {name} after step {self.step}: {where}", self.stop_signum)
 
     def _flush_train(self, extra=None):
         """Write the train metrics accumulated since the last train record."""
@@ -463,7 +483,10 @@ class Trainer:
                 log = bool(res.measured) or self.step % cfg.log_every == 0
                 save = bool(cfg.checkpoint_every) and self.step % cfg.checkpoint_every == 0
                 end = self.step >= max_steps or self.batch >= self.train_loader.batches_per_epoch()
-                if cond or log or save or end:                   # the host reads: check this step first
+                stop = self.comm.max_int(self.stop_signum or 0)     # a signal on any rank stops every rank
+                if stop:
+                    self.stop_signum = stop
+                if cond or log or save or end or stop:           # the host reads: check this step first
                     self._check(self.step, pending)
                     pending = None
                 if cond:
@@ -476,8 +499,8 @@ class Trainer:
                 if save:
                     self.save()
                 if on_step is not None and self.batch < self.train_loader.batches_per_epoch():
-                    on_step(self.step, bool(cond or log or save or end))
-                if self.step >= max_steps:
+                    on_step(self.step, bool(cond or log or save or end or stop))
+                if self.step >= max_steps or stop:
                     break
             self._check(self.step, pending)
         finally:

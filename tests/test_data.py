@@ -323,6 +323,92 @@ def test_worker_process_errors_name_the_shard(tmp_path):
         loader.close()
 
 
+
+def test_worker_processes_outlive_the_signals_a_scheduler_sends_the_process_group(tmp_path):
+    """SIGTERM, SIGUSR1 and SIGINT reach every process of a job (Slurm, a terminal's ^C); the
+    training process checkpoints on them and closes its loader itself, so the workers must
+    not die under it: after the signals they still read the next epoch, batch for batch."""
+    import signal
+    from .helpers import make_shards
+    make_shards(tmp_path, n_train=60, n_val=4, size=4, per_shard=7)
+    data = ShardSet(tmp_path, "train")
+    ref = BatchLoader(data, 8, np, np.float32, seed=3)
+    par = BatchLoader(data, 8, np, np.float32, seed=3, workers=2)
+    try:
+        assert len(list(par.epoch(0))) == 7
+        wanted = {signal.SIGTERM, signal.SIGUSR1, signal.SIGINT}
+        deadline = time.time() + 60                             # until both have started (spawn)
+        while time.time() < deadline and not all(wanted <= _ignored(p.pid) for p in par.reader.procs):
+            time.sleep(0.05)
+        assert all(wanted <= _ignored(p.pid) for p in par.reader.procs)
+        for proc in par.reader.procs:
+            for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+                os.kill(proc.pid, sig)
+        time.sleep(0.5)
+        assert all(proc.is_alive() for proc in par.reader.procs)
+        for (_, xa, ya), (_, xc, yc) in zip(ref.epoch(1), par.epoch(1), strict=True):
+            np.testing.assert_array_equal(xa, xc)
+            np.testing.assert_array_equal(ya, yc)
+    finally:
+        par.close()
+
+
+WORKERS_OF_A_KILLED_PARENT = """
+import sys, time
+import numpy as np
+from gait_ref.data import BatchLoader, ShardSet
+loader = BatchLoader(ShardSet(sys.argv[1], "train"), 8, np, np.float32, workers=2)
+next(iter(loader.epoch(0)))
+print(" ".join(str(p.pid) for p in loader.reader.procs), flush=True)
+time.sleep(600)
+"""
+
+
+def test_worker_processes_exit_when_their_parent_is_killed(tmp_path):
+    """SIGKILL of the training process (no chance to close its loader): its workers see that
+    their parent is gone and exit within seconds, instead of waiting for jobs forever."""
+    import signal
+    import subprocess
+    import sys
+    from .helpers import make_shards
+    make_shards(tmp_path, n_train=60, n_val=4, size=4, per_shard=7)
+    p = subprocess.Popen([sys.executable, "-c", WORKERS_OF_A_KILLED_PARENT, str(tmp_path)],
+                         stdout=subprocess.PIPE, text=True)
+    workers = []
+    try:
+        workers = [int(w) for w in p.stdout.readline().split()]
+        assert len(workers) == 2 and all(_running(w) for w in workers)
+        p.kill()
+        p.wait()
+        deadline = time.time() + 30
+        while time.time() < deadline and any(_running(w) for w in workers):
+            time.sleep(0.1)
+        assert not any(_running(w) for w in workers)
+    finally:
+        p.kill()
+        p.stdout.close()
+        for w in workers:
+            if _running(w):
+                os.kill(w, signal.SIGKILL)
+
+
+def _ignored(pid) -> set:
+    """The signals process ``pid`` ignores (the SigIgn mask of /proc/<pid>/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            mask = int(line.split()[1], 16)
+            return {s for s in range(1, 65) if mask >> (s - 1) & 1}
+    return set()
+
+
+def _running(pid) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
 @pytest.mark.parametrize("compression", [None, "gzip", "lzf"])
 def test_shard_reads_raw_chunks_or_decompressed(tmp_path, compression):
     """Uncompressed shards are read chunk by chunk as raw bytes, compressed ones through

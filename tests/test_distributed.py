@@ -346,6 +346,35 @@ def test_a_peer_whose_process_is_gone_is_named():
         live.wait()
 
 
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    """SIGUSR1 (``sbatch --signal=USR1@...``) reaches rank 1 only (a scheduler signals every
+    task, but not at one instant): the ranks agree after each step, so both stop after the
+    same step, rank 0 checkpoints it and the job exits with 128 + 10; --resume on 2 ranks
+    then writes the records of a run never stopped."""
+    from gait_ref.checkpoint import load_latest
+    from .test_cli import strip_timings
+    args = ["--task", "synthetic", "--rule", "bp", "--batch-size", 20, "--max-steps", 3000, "--log-every", 50,
+            "--quiet"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    res = mpirun(2, "run.py", "--distributed", "mpi", *args, "--out", a, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    p = _launch([*args, "--out", b])
+    try:
+        _wait_for_steps(b, 3, p)
+        pids = _rank_pids(p.pid)
+        os.kill(pids[1], signal.SIGUSR1)
+        stdout, stderr = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 128 + signal.SIGUSR1, stdout + stderr
+    step = load_latest(b / "last.h5")[2]["step"]
+    assert 0 < step < 3000
+    assert f"stopped by SIGUSR1 after step {step}: the checkpoint of step {step} is in " in stderr, stderr
+    res = mpirun(2, "run.py", "--distributed", "mpi", *args, "--out", b, "--resume", timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert strip_timings(records(a)) == strip_timings(records(b))
+
 def test_a_hung_rank_is_named_and_the_job_aborted(tmp_path):
     """A rank that stops (SIGSTOP: no exit for the launcher to see) leaves its peer waiting
     in a collective; the peer's watchdog aborts the job after --comm-timeout, naming it."""

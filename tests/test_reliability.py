@@ -300,3 +300,56 @@ def test_divergence_names_the_layer_and_checks_the_weights_after_the_step(tmp_pa
                   "--checkpoint-every", 1, "--log-every", 1, "--out", tmp_path / "d")
     one_line_error(res, "is not finite", "the last good checkpoint is kept in")
     assert "the output of layer" in res.output or "the update of" in res.output or "the weights" in res.output
+
+
+# ---- a scheduler's notice ---------------------------------------------------------------------------
+def _metrics_lines(out):
+    f = Path(out) / "metrics.jsonl"
+    return len(f.read_text().splitlines()) if f.exists() else 0
+
+
+def test_a_scheduler_signal_checkpoints_the_step_and_resume_loses_nothing(tmp_path, signame="SIGTERM"):
+    """SIGTERM (Slurm's notice at cancellation, preemption or the time limit; SIGUSR1, from
+    ``sbatch --signal``, is the distributed test's) sent to the whole process group, loader workers included, of a run
+    that checkpoints only at epochs' ends: it finishes its step, checkpoints it, names it and
+    exits with 128 + the signal's number, well inside a 30 s grace period, and its loader
+    workers exit with it; --resume then writes exactly the records of a run never stopped."""
+    shards = tmp_path / "shards"
+    make_shards(shards, n_train=400, n_val=40, size=8, per_shard=50)
+    args = ["--task", "imagenet", "--data", shards, "--arch", "conv7", "--rule", "gait", "--batch-size", 8,
+            "--epochs", 2, "--log-every", 5, "--angles-every", 7, "--eval-subset", 16, "--loader-workers", 2]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_cli(*args, "--out", a).exit_code == 0
+    p = _spawn([*args, "--out", b], start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while _metrics_lines(b) < 3 and time.time() < deadline and p.poll() is None:   # mid-epoch 0
+            time.sleep(0.05)
+        assert p.poll() is None and _metrics_lines(b) >= 3, "the run made no progress"
+        workers = [int(c) for c in subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True,
+                                                   text=True).stdout.split()]
+        t = time.time()
+        os.killpg(p.pid, getattr(signal, signame))
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert time.time() - t < 30
+    assert p.returncode == 128 + getattr(signal, signame), err
+    step = load_latest(b / "last.h5")[2]["step"]
+    assert 0 < step < 50                                        # mid-epoch 0 (50 steps an epoch)
+    assert f"stopped by {signame} after step {step}: the checkpoint of step {step} is in " in err, err
+    assert len(workers) >= 2 and not [w for w in workers if Path(f"/proc/{w}").exists()
+                                      and process_state(w) != "Z"], workers
+    res = run_cli(*args, "--out", b, "--resume")
+    assert res.exit_code == 0, res.output
+    assert strip_timings(records(a)) == strip_timings(records(b))
+
+
+def process_state(pid):
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "gone"
+    return stat[stat.rindex(")") + 2]
+

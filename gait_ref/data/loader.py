@@ -27,7 +27,9 @@ Time spent waiting for a batch is the caller's to measure (the trainer logs it a
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import queue
+import signal
 import threading
 import traceback
 from multiprocessing import shared_memory
@@ -35,6 +37,7 @@ from multiprocessing import shared_memory
 import numpy as np
 
 from ..backend import is_device, pinned_empty, to_device
+from ..stopping import STOP_SIGNALS
 from .idx import DataFormatError
 
 
@@ -79,14 +82,26 @@ def _slot_bytes(shape, n_max):
     return -(-n_max * int(np.prod(shape)) // 8) * 8 + 8 * n_max
 
 
-def _worker_main(data, slot_names, storage_shape, n_max, jobs, results):
+def _worker_main(data, slot_names, storage_shape, n_max, jobs, results, parent_pid):
     """Read whole batches into shared-memory slots: jobs (token, slot, idx) -> results
-    (token, slot, n) or (token, slot, error message)."""
+    (token, slot, n) or (token, slot, error message).
+
+    The main process decides when reading stops: the signals a scheduler or a terminal sends
+    to the whole process group (SIGTERM, SIGUSR1, SIGINT) are ignored here, so the main
+    process can checkpoint and close its workers; a worker whose parent has died (SIGKILL)
+    exits instead of waiting for jobs forever."""
+    for name in STOP_SIGNALS + ("SIGINT",):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
     slots = [shared_memory.SharedMemory(name=n) for n in slot_names]
     views = [_slot_views(s.buf, storage_shape, n_max) for s in slots]
     try:
         while True:
-            job = jobs.get()
+            try:
+                job = jobs.get(timeout=1.0)
+            except queue.Empty:
+                if os.getppid() != parent_pid:
+                    return
+                continue
             if job is None:
                 return
             token, slot, idx = job
@@ -122,7 +137,7 @@ class _ProcessReader:
         self.jobs, self.results = ctx.Queue(), ctx.Queue()
         self.procs = [ctx.Process(target=_worker_main, daemon=True, name=f"gait_ref-loader-{i}",
                                   args=(data, [s.name for s in self._shm], self.storage_shape, self.n_max,
-                                        self.jobs, self.results))
+                                        self.jobs, self.results, os.getpid()))
                       for i in range(n_workers)]
         for p in self.procs:
             p.start()
