@@ -277,9 +277,11 @@ class MPIComm:
                            "aborting the job", code=3)
 
     def _stale_ranks(self) -> str:
+        stopped = [f"rank {r} (pid {self._peers[r][0]} on {self._host}) is stopped (a signal or a debugger)"
+                   for r in self._watched if process_state(self._peers[r][0]) in ("T", "t")]
         if not self.run_dir:
-            return "a peer rank probably failed (give --out to name it)"
-        seen, now = [], time.time()
+            return "; ".join(stopped) if stopped else "a peer rank probably failed (give --out to name it)"
+        seen, now = list(stopped), time.time()
         for r in range(self.size):
             if r == self.rank:
                 continue
@@ -288,6 +290,8 @@ class MPIComm:
             except (OSError, ValueError):
                 seen.append(f"rank {r} never reported")
                 continue
+            if stopped and r in self._watched and process_state(b["pid"]) in ("T", "t"):
+                continue                                       # named above
             if now - b["time"] > min(30.0, self.timeout / 2) or b["step"] < self._step:
                 seen.append(f"rank {r} (pid {b['pid']} on {b['host']}) last seen at step {b['step']}, "
                             f"{now - b['time']:.0f} s ago")
@@ -330,22 +334,29 @@ class MPIComm:
         self._stop.set()
 
 
-def process_gone(pid: int) -> bool:
-    """Whether process ``pid`` on this host has exited: no such process, or a zombie (killed,
-    not yet reaped by its launcher, which is when a peer's failed transfer is seen)."""
+def process_state(pid: int) -> str:
+    """Process ``pid``'s state letter from /proc (R running, S sleeping, D waiting on a
+    device, T stopped by a signal, t stopped by a debugger, Z zombie), "gone" if there is no
+    such process, or "" where /proc cannot say."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except FileNotFoundError:
-        return True
+        return "gone"
     except OSError:                                            # no /proc: ask the kernel
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            return True
+            return "gone"
         except PermissionError:
-            return False
-        return False
-    return stat[stat.rindex(")") + 2:][:1] in ("Z", "X")      # the state field follows "(comm)"
+            pass
+        return ""
+    return stat[stat.rindex(")") + 2:][:1]                     # the state field follows "(comm)"
+
+
+def process_gone(pid: int) -> bool:
+    """Whether process ``pid`` on this host has exited: no such process, or a zombie (killed,
+    not yet reaped by its launcher, which is when a peer's failed transfer is seen)."""
+    return process_state(pid) in ("gone", "Z", "X")
 
 
 def lost_ranks(peers, watched) -> list:

@@ -325,8 +325,9 @@ def test_a_failed_collective_is_named_and_the_job_aborted():
 def test_a_peer_whose_process_is_gone_is_named():
     """The naming behind a failed collective: a peer on this host whose process has exited,
     killed and not yet reaped (a zombie, as a launcher's child is for a moment) or reaped,
-    is named; a live one is not, nor one the rank does not watch (another node's)."""
-    from gait_ref.distributed import lost_ranks, process_gone
+    is named; a live one is not, nor one the rank does not watch (another node's). A
+    stopped one (SIGSTOP: what the hung-rank message names as stopped) is not gone."""
+    from gait_ref.distributed import lost_ranks, process_gone, process_state
     host = "node7"
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -339,8 +340,13 @@ def test_a_peer_whose_process_is_gone_is_named():
         peers = [(os.getpid(), host), (live.pid, host), (dead.pid, host)]
         assert lost_ranks(peers, [1, 2]) == [f"rank 2 (pid {dead.pid} on node7) has exited"]
         dead.wait()                                                        # reaped: no such process
-        assert process_gone(dead.pid)
+        assert process_gone(dead.pid) and process_state(dead.pid) == "gone"
         assert lost_ranks(peers, [1]) == []                                  # only watched ranks
+        os.kill(live.pid, signal.SIGSTOP)                                  # a hung peer: stopped, not gone
+        deadline = time.time() + 30
+        while process_state(live.pid) != "T" and time.time() < deadline:
+            time.sleep(0.05)
+        assert process_state(live.pid) == "T" and not process_gone(live.pid)
     finally:
         live.kill()
         live.wait()
