@@ -4,7 +4,8 @@ A cluster ends jobs with a signal and a grace period: Slurm sends SIGTERM when a
 cancelled, preempted or reaches its time limit, and SIGKILL ``KillWait`` seconds later
 (30 s by default); ``sbatch --signal=USR1@120`` sends SIGUSR1 two minutes before the limit.
 On either signal the trainer finishes the step in progress, checks it, writes a
-checkpoint and ends with ``StopRequested``; ``run.py`` then exits with status
+checkpoint and ends with ``StopRequested`` (an evaluation stops at its next batch: the
+trainer checkpoints before every evaluation, and a resume evaluates again); ``run.py`` then exits with status
 128 + signal number (143 for SIGTERM), and ``--resume`` goes on exactly as if
 nothing had happened. Without this, a job resumes from its last periodic checkpoint
 (by default the last epoch's end).

@@ -297,6 +297,8 @@ class Trainer:
         k5 = self.data.n_classes > 5
         sums = [xp.zeros((), dtype=xp.float64) for _ in range(3)]
         for _, x, y in loader.epoch(0):
+            if self._stop_agreed():          # run() saved a checkpoint before every evaluation
+                self._stop(saved=True)
             out = self.net.forward(x).output
             l, _ = self.loss.value_and_grad(out, y, n_total=1)     # 'mean' over 1 row: the sum over rows
             logits = self.loss.logits(out)
@@ -385,15 +387,24 @@ class Trainer:
         """The signal handler (``gait_ref.stopping``): stop after the step in progress."""
         self.stop_signum = signum
 
-    def _stop(self):
-        """Checkpoint the completed step and end the run with ``StopRequested``. Nothing is
-        logged or evaluated here: the checkpoint holds the train metrics accumulated so far,
-        and ``--resume`` writes the records an uninterrupted run would have written."""
+    def _stop_agreed(self) -> bool:
+        """Whether any rank has been signalled to stop (every rank gets the same answer)."""
+        self.stop_signum = self.comm.max_int(self.stop_signum or 0)
+        return bool(self.stop_signum)
+
+    def _stop(self, saved: bool = False):
+        """Checkpoint the completed step (unless ``saved``: an evaluation, which run() starts
+        only after a checkpoint of the same step) and end the run with ``StopRequested``.
+        Nothing is logged or evaluated here: the checkpoint holds the train metrics
+        accumulated so far, and ``--resume`` writes the records an uninterrupted run would
+        have written, evaluating again where the evaluation was stopped."""
         name = signal.Signals(self.stop_signum).name
-        self.save()
+        if not saved:
+            self.save()
+        when = "during the evaluation after" if saved else "after"
         where = (f"the checkpoint of step {self.step} is in {Path(self.cfg.out) / CHECKPOINT}; continue with --resume"
                  if self.cfg.out else "nothing saved (no --out)")
-        raise StopRequested(f"stopped by {name} after step {self.step}: {where}", self.stop_signum)
+        raise StopRequested(f"stopped by {name} {when} step {self.step}: {where}", self.stop_signum)
 
     def _flush_train(self, extra=None):
         """Write the train metrics accumulated since the last train record."""
@@ -483,9 +494,7 @@ class Trainer:
                 log = bool(res.measured) or self.step % cfg.log_every == 0
                 save = bool(cfg.checkpoint_every) and self.step % cfg.checkpoint_every == 0
                 end = self.step >= max_steps or self.batch >= self.train_loader.batches_per_epoch()
-                stop = self.comm.max_int(self.stop_signum or 0)     # a signal on any rank stops every rank
-                if stop:
-                    self.stop_signum = stop
+                stop = self._stop_agreed()                      # a signal on any rank stops every rank
                 if cond or log or save or end or stop:           # the host reads: check this step first
                     self._check(self.step, pending)
                     pending = None

@@ -353,3 +353,30 @@ def process_state(pid):
         return "gone"
     return stat[stat.rindex(")") + 2]
 
+
+
+def test_a_signal_during_an_evaluation_stops_it_and_resume_evaluates_again(tmp_path):
+    """SIGTERM while the end of epoch 0 is being evaluated (an ImageNet evaluation can outlast
+    a 30 s grace period): the evaluation stops at its next batch, the run ends with
+    StopRequested naming the checkpoint saved before the evaluation, and --resume evaluates
+    the epoch again and ends with the records of a run never stopped."""
+    from gait_ref.stopping import StopRequested
+    cfg = dict(task="synthetic", rule="bp", batch_size=20, epochs=2, log_every=7, quiet=True)
+    Trainer(Config(**cfg, out=str(tmp_path / "a"))).run()
+    tr = Trainer(Config(**cfg, out=str(tmp_path / "b")))
+    evaluations = tr.eval_loader.epoch
+
+    def signalled_evaluation(*args, **kw):
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+        os.kill(os.getpid(), signal.SIGTERM)                      # handled: sets the trainer's flag
+        return evaluations(*args, **kw)
+
+    tr.eval_loader.epoch = signalled_evaluation
+    with pytest.raises(StopRequested, match=r"stopped by SIGTERM during the evaluation after step (\d+): "
+                                            r"the checkpoint of step \1 is in .*last.h5; continue with --resume"):
+        tr.run()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL      # the handler is put back
+    meta = load_latest(tmp_path / "b" / "last.h5")[2]
+    assert meta["pending_eval"] and meta["epoch"] == 1 and not any(r["split"] == "test" for r in records(tmp_path / "b"))
+    Trainer(Config(**cfg, out=str(tmp_path / "b"), resume=True)).run()
+    assert strip_timings(records(tmp_path / "a")) == strip_timings(records(tmp_path / "b"))
