@@ -3,6 +3,7 @@ files, under kills, corruption, concurrent runs and hostile input."""
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -337,8 +338,10 @@ def test_a_scheduler_signal_checkpoints_the_step_and_resume_loses_nothing(tmp_pa
     assert time.time() - t < 30
     assert p.returncode == 128 + getattr(signal, signame), err
     step = load_latest(b / "last.h5")[2]["step"]
-    assert 0 < step < 50                                        # mid-epoch 0 (50 steps an epoch)
-    assert f"stopped by {signame} after step {step}: the checkpoint of step {step} is in " in err, err
+    assert 0 < step < 100                     # the signal comes at about step 15 of 50 in epoch 0
+    # after a step or, on a machine slow enough to reach the end of the epoch first, during its evaluation
+    assert re.search(f"stopped by {signame} (during the evaluation )?after step {step}: the checkpoint of step "
+                     f"{step} is in ", err), err
     assert len(workers) >= 2 and not [w for w in workers if Path(f"/proc/{w}").exists()
                                       and process_state(w) != "Z"], workers
     res = run_cli(*args, "--out", b, "--resume")
