@@ -108,7 +108,8 @@ class Trainer:
             image_size=cfg.image_size, part=part)
         self.best_val = {"top1": -1.0, "epoch": -1}      # early stopping (--patience); checkpointed
         self.stopped_early = False
-        self.stop_signum = 0                # set by SIGTERM / SIGUSR1 (gait_ref.stopping)
+        self.stop_signum = 0                # set by SIGTERM / SIGUSR1 on this rank (gait_ref.stopping)
+        self.stop_agreed = 0                # the signal every rank agreed to stop on
         self.net = build(cfg.arch, self.train_loader.in_shape, self.data.n_classes, self.invertible,
                          linear=cfg.linear)
         self.net.init(cfg.seed, cfg.init, self.xp, self.dtype)
@@ -297,7 +298,7 @@ class Trainer:
         k5 = self.data.n_classes > 5
         sums = [xp.zeros((), dtype=xp.float64) for _ in range(3)]
         for _, x, y in loader.epoch(0):
-            if self._stop_agreed():          # run() saved a checkpoint before every evaluation
+            if self._agree_on_stop():        # run() saved a checkpoint before every evaluation
                 self._stop(saved=True)
             out = self.net.forward(x).output
             l, _ = self.loss.value_and_grad(out, y, n_total=1)     # 'mean' over 1 row: the sum over rows
@@ -354,7 +355,7 @@ class Trainer:
             last = None
             while self.epoch < cfg.epochs and self.step < max_steps and not self.stopped_early:
                 last = self._run_epoch(max_steps, on_step)
-                if self.stop_signum:
+                if self.stop_agreed:
                     self._stop()
                 if self.batch >= per_epoch:  # the epoch finished
                     last = self._flush_train() or last
@@ -387,10 +388,14 @@ class Trainer:
         """The signal handler (``gait_ref.stopping``): stop after the step in progress."""
         self.stop_signum = signum
 
-    def _stop_agreed(self) -> bool:
-        """Whether any rank has been signalled to stop (every rank gets the same answer)."""
-        self.stop_signum = self.comm.max_int(self.stop_signum or 0)
-        return bool(self.stop_signum)
+    def _agree_on_stop(self) -> bool:
+        """Whether any rank has been signalled to stop (every rank gets the same answer). The
+        local flag is only read here: a signal handled while the ranks agree (it runs when
+        the all-reduce returns) must not be overwritten by their answer, and counts next time."""
+        agreed = self.comm.max_int(self.stop_signum)
+        if agreed:
+            self.stop_agreed = agreed
+        return bool(agreed)
 
     def _stop(self, saved: bool = False):
         """Checkpoint the completed step (unless ``saved``: an evaluation, which run() starts
@@ -398,13 +403,13 @@ class Trainer:
         Nothing is logged or evaluated here: the checkpoint holds the train metrics
         accumulated so far, and ``--resume`` writes the records an uninterrupted run would
         have written, evaluating again where the evaluation was stopped."""
-        name = signal.Signals(self.stop_signum).name
+        name = signal.Signals(self.stop_agreed).name
         if not saved:
             self.save()
         when = "during the evaluation after" if saved else "after"
         where = (f"the checkpoint of step {self.step} is in {Path(self.cfg.out) / CHECKPOINT}; continue with --resume"
                  if self.cfg.out else "nothing saved (no --out)")
-        raise StopRequested(f"stopped by {name} {when} step {self.step}: {where}", self.stop_signum)
+        raise StopRequested(f"stopped by {name} {when} step {self.step}: {where}", self.stop_agreed)
 
     def _flush_train(self, extra=None):
         """Write the train metrics accumulated since the last train record."""
@@ -494,7 +499,7 @@ class Trainer:
                 log = bool(res.measured) or self.step % cfg.log_every == 0
                 save = bool(cfg.checkpoint_every) and self.step % cfg.checkpoint_every == 0
                 end = self.step >= max_steps or self.batch >= self.train_loader.batches_per_epoch()
-                stop = self._stop_agreed()                      # a signal on any rank stops every rank
+                stop = self._agree_on_stop()                    # a signal on any rank stops every rank
                 if cond or log or save or end or stop:           # the host reads: check this step first
                     self._check(self.step, pending)
                     pending = None

@@ -383,3 +383,19 @@ def test_a_signal_during_an_evaluation_stops_it_and_resume_evaluates_again(tmp_p
     assert meta["pending_eval"] and meta["epoch"] == 1 and not any(r["split"] == "test" for r in records(tmp_path / "b"))
     Trainer(Config(**cfg, out=str(tmp_path / "b"), resume=True)).run()
     assert strip_timings(records(tmp_path / "a")) == strip_timings(records(tmp_path / "b"))
+
+
+def test_a_signal_handled_while_the_ranks_agree_is_not_lost():
+    """The handler runs when the agreement's all-reduce returns (Python runs handlers between
+    bytecodes): the ranks' answer for that step is no, and the flag must survive it to stop
+    the run at the next agreement. (Overwriting it is the likely cause of a CI run in which
+    a 2-rank job signalled mid-run finished all its steps with status 0.)"""
+    tr = Trainer(Config(task="synthetic", rule="bp", batch_size=20, max_steps=1, quiet=True))
+
+    class SignalDuringTheAllReduce:
+        def max_int(self, value):
+            tr._request_stop(signal.SIGTERM)           # arrives while this rank waits for its peers
+            return value                               # the peers' answer: nobody had been signalled
+    tr.comm = SignalDuringTheAllReduce()
+    assert not tr._agree_on_stop() and tr.stop_agreed == 0
+    assert tr._agree_on_stop() and tr.stop_agreed == signal.SIGTERM
