@@ -405,11 +405,12 @@ def test_a_hung_rank_is_named_and_the_job_aborted(tmp_path):
         if p.poll() is None:
             p.kill()
     assert p.returncode != 0
-    # rank 0 waits in whichever collective came next: the gradients' all-reduce, or the
-    # metrics' all-gather (--log-every 1); CI has seen both. The message is read from the run
+    # rank 0 waits in whichever collective came next: the gradients' all-reduce, the
+    # metrics' all-gather (--log-every 1), or the step's stop agreement; CI has seen each. The message is read from the run
     # folder: once, on a loaded machine, the launcher's forwarding of stderr lost it
     message = (out / ".ranks" / "abort-rank-0.txt").read_text()
-    assert re.search(r"rank 0: (an all-reduce|an all-gather|a broadcast) after step \d+ has waited", message), message
+    assert re.search(r"rank 0: (an all-reduce|an all-gather|a broadcast|agreeing on a stop) after step \d+ has waited",
+                     message), message
     assert f"rank 1 (pid {pids[1]} on" in message, message
 
 
