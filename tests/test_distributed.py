@@ -290,7 +290,7 @@ def test_a_killed_rank_ends_the_job(tmp_path):
         assert set(named) <= set(pids.values()), log[-2000:]
     elif abort_file.exists() or "has exited" in log:
         message = abort_file.read_text() if abort_file.exists() else log
-        assert re.search(r"rank 0: an? [a-z-]+ after step \d+ failed \(MPI: ", message), log[-2000:]
+        assert re.search(r"rank 0: (an? [a-z-]+|agreeing on a stop) after step \d+ failed \(MPI: ", message), log[-2000:]
         assert f"rank 1 (pid {pids[1]} on " in message and "has exited" in message, message
     else:
         assert re.search(r"on node 0 \(rank 0 in comm 0\): Fatal error in internal_\w+: .*\n(.*\n)*"
