@@ -277,21 +277,20 @@ class MPIComm:
                            "aborting the job", code=3)
 
     def _stale_ranks(self) -> str:
+        halted = [r for r in self._watched if process_state(self._peers[r][0]) in ("T", "t")]
         stopped = [f"rank {r} (pid {self._peers[r][0]} on {self._host}) is stopped (a signal or a debugger)"
-                   for r in self._watched if process_state(self._peers[r][0]) in ("T", "t")]
+                   for r in halted]
         if not self.run_dir:
             return "; ".join(stopped) if stopped else "a peer rank probably failed (give --out to name it)"
         seen, now = list(stopped), time.time()
         for r in range(self.size):
-            if r == self.rank:
+            if r == self.rank or r in halted:                    # itself, or named above
                 continue
             try:
                 b = json.loads(self._beat_file(r).read_text())
             except (OSError, ValueError):
                 seen.append(f"rank {r} never reported")
                 continue
-            if stopped and r in self._watched and process_state(b["pid"]) in ("T", "t"):
-                continue                                       # named above
             if now - b["time"] > min(30.0, self.timeout / 2) or b["step"] < self._step:
                 seen.append(f"rank {r} (pid {b['pid']} on {b['host']}) last seen at step {b['step']}, "
                             f"{now - b['time']:.0f} s ago")

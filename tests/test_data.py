@@ -14,6 +14,7 @@ from gait_ref.data.cifar import load_cifar10, write_cifar_batch
 from gait_ref.data.idx import read_idx, write_idx
 from gait_ref.data.packaged import SHA256, load_packaged, read_idx_dir
 from gait_ref.data.shards import write_manifest, write_shard
+from gait_ref.distributed import process_gone
 
 from .conftest import asnumpy
 
@@ -323,7 +324,6 @@ def test_worker_process_errors_name_the_shard(tmp_path):
         loader.close()
 
 
-
 def test_worker_processes_outlive_the_signals_a_scheduler_sends_the_process_group(tmp_path):
     """SIGTERM, SIGUSR1 and SIGINT reach every process of a job (Slurm, a terminal's ^C); the
     training process checkpoints on them and closes its loader itself, so the workers must
@@ -377,18 +377,18 @@ def test_worker_processes_exit_when_their_parent_is_killed(tmp_path):
     workers = []
     try:
         workers = [int(w) for w in p.stdout.readline().split()]
-        assert len(workers) == 2 and all(_running(w) for w in workers)
+        assert len(workers) == 2 and not any(process_gone(w) for w in workers)
         p.kill()
         p.wait()
         deadline = time.time() + 30
-        while time.time() < deadline and any(_running(w) for w in workers):
+        while time.time() < deadline and not all(process_gone(w) for w in workers):
             time.sleep(0.1)
-        assert not any(_running(w) for w in workers)
+        assert all(process_gone(w) for w in workers)
     finally:
         p.kill()
         p.stdout.close()
         for w in workers:
-            if _running(w):
+            if not process_gone(w):
                 os.kill(w, signal.SIGKILL)
 
 
@@ -400,14 +400,6 @@ def _ignored(pid) -> set:
             return {s for s in range(1, 65) if mask >> (s - 1) & 1}
     return set()
 
-
-def _running(pid) -> bool:
-    """Whether process ``pid`` exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
 
 @pytest.mark.parametrize("compression", [None, "gzip", "lzf"])
 def test_shard_reads_raw_chunks_or_decompressed(tmp_path, compression):

@@ -20,6 +20,7 @@ from gait_ref.checkpoint import CheckpointError, load_checkpoint, load_latest, s
 from gait_ref.config import Config
 from gait_ref.data import DataFormatError, load_task
 from gait_ref.data.cifar import load_cifar10, write_cifar_batch
+from gait_ref.distributed import process_gone
 from gait_ref.train import Trainer
 
 from .helpers import make_shards
@@ -342,20 +343,10 @@ def test_a_scheduler_signal_checkpoints_the_step_and_resume_loses_nothing(tmp_pa
     # after a step or, on a machine slow enough to reach the end of the epoch first, during its evaluation
     assert re.search(f"stopped by {signame} (during the evaluation )?after step {step}: the checkpoint of step "
                      f"{step} is in ", err), err
-    assert len(workers) >= 2 and not [w for w in workers if Path(f"/proc/{w}").exists()
-                                      and process_state(w) != "Z"], workers
+    assert len(workers) >= 2 and all(process_gone(w) for w in workers), workers
     res = run_cli(*args, "--out", b, "--resume")
     assert res.exit_code == 0, res.output
     assert strip_timings(records(a)) == strip_timings(records(b))
-
-
-def process_state(pid):
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return "gone"
-    return stat[stat.rindex(")") + 2]
-
 
 
 def test_a_signal_during_an_evaluation_stops_it_and_resume_evaluates_again(tmp_path):
