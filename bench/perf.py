@@ -55,7 +55,7 @@ from gait_ref.losses import SoftmaxCrossEntropy  # noqa: E402
 from gait_ref.metrics import compare_updates  # noqa: E402
 from gait_ref.optim import Adam  # noqa: E402
 from gait_ref.rules import make_rule  # noqa: E402
-from gait_ref.step import TrainStep, output_grad_read  # noqa: E402
+from gait_ref.step import TrainStep, forward_widths, output_grad_read  # noqa: E402
 from gait_ref.train import blas_info  # noqa: E402
 
 TARGET = ("tp", "itp", "gait-vanilla", "gait")
@@ -109,7 +109,7 @@ class Setup:
 
     def updates(self):
         """The rule's updates, given dL/dy as the training step gives it (gait_ref.step)."""
-        tr = self.net.forward(self.x)
+        tr = self.net.forward(self.x, forward_widths(self.net, self.loss, self.rule))
         _, gy = self.loss.value_and_grad(tr.output, self.y)
         if getattr(self.rule, "takes_narrow_output_grad", False):
             gy = output_grad_read(self.loss, gy)
@@ -140,19 +140,20 @@ def _live(net, l, K=None):
 
 
 def bp_flops(net, batch, live=True, K=None):
-    """BP: per layer the forward GEMM (M x D x O), the weight gradient and the input gradient
-    (M x D x c, c the live output channels, K at the output; the first layer has no input
-    gradient), 2 M K N flops each. ``live=False``: c = O, as autograd computes them (torch's step)."""
+    """BP: per layer the forward GEMM, the weight gradient and the input gradient (M x D x c,
+    c the live output channels, K at the output; the first layer has no input gradient),
+    2 M K N flops each. ``live=False``: c = O, as autograd computes them (torch's step)."""
     total = 0
     for i, l in enumerate(net.layers):
         M, (D, O) = _rows(l, batch), l.weight_shape
         c = _live(net, i, K) if live else O
-        total += _gemm(M, D, O) + (1 if i == 0 else 2) * _gemm(M, D, c)
+        total += (2 if i == 0 else 3) * _gemm(M, D, c)
     return total
 
 
 def gp_flops(net, batch, stats, steps, ortho_every, solver, dtype=np.float32, K=None):
-    """The GEMM flops of ``steps`` GP training steps: the forward pass, per recursion of the
+    """The GEMM flops of ``steps`` GP training steps: the forward pass (on the c live output
+    channels, ``gait_ref.step.forward_widths``), per recursion of the
     rule (stats['recursions']) every layer's weight gradient (on its c live output channels)
     and, per square layer above the first, the solve (refine: B X on c columns of B and the
     residual, M x c x D and M x D x D, plus two GEMMs of M x D x D per correction from
@@ -163,8 +164,8 @@ def gp_flops(net, batch, stats, steps, ortho_every, solver, dtype=np.float32, K=
     c x D x D and c x c x D. Not counted: the kept inverses' renewals (a fresh inverse or a
     Newton-Schulz step, see gait_ref.linalg), so the rate is a lower bound."""
     layers = list(enumerate(net.layers))
-    fwd = sum(_gemm(_rows(l, batch), *l.weight_shape) for l in net.layers)
     grads = sum(_gemm(_rows(l, batch), l.weight_shape[-2], _live(net, i, K)) for i, l in layers)
+    fwd = grads                                      # the forward pass computes the live channels only
     square = [(i, l) for i, l in layers[1:] if l.square]
 
     def refined(i, l):
@@ -332,15 +333,15 @@ def bench_gemm(xp, quick):
 
 def bp_gemms_alone(net, batch, xp, repeats, K=None):
     """Seconds for the GEMMs that ``bp_flops`` counts, each timed alone on random matrices of the
-    step's shapes and layouts: forward rows @ W, weight gradient rows^T @ grad, input gradient
-    grad @ W[:, :c]^T (not for the first layer), c the live output channels. A bound on BP's
+    step's shapes and layouts: forward rows @ W[:, :c], weight gradient rows^T @ grad, input
+    gradient grad @ W[:, :c]^T (not for the first layer), c the live output channels. A bound on BP's
     step set by the GEMMs' shapes."""
     rng = np.random.default_rng(0)
     total = 0.0
     for i, l in enumerate(net.layers):
         M, (D, O), c = _rows(l, batch), l.weight_shape, _live(net, i, K)
         a, w, gr = (to_device(rng.random(shape, dtype=np.float32), xp) for shape in ((M, D), (D, O), (M, c)))
-        products = [lambda: a @ w, lambda: a.T @ gr] + ([lambda: gr @ w[:, :c].T] if i else [])
+        products = [lambda: a @ w[:, :c], lambda: a.T @ gr] + ([lambda: gr @ w[:, :c].T] if i else [])
         total += sum(timed(f, xp, repeats=repeats) for f in products)
     return total
 

@@ -7,15 +7,22 @@ their first c channels along axis 1 (units for a dense layer) and run their GEMM
 those c columns: on conv7 at 64 px, 24 of conv2's 216 channels are read, 48 of conv3's
 600, 96 of conv5's 432. Their results are the same as with the zeros written out, up to
 the order in which a GEMM adds its terms.
+
+Nothing reads the auxiliary channels' forward values either, except the absolute form's
+inverse (``Network.invert_layer``): the rules that read only live channels
+(``reads_live_outputs``) get a forward pass that computes only those
+(``Network.read_widths``): on conv7 at 64 px, 1.6 of the full forward's 6.9 GFLOP
+(batch 64), on the deep MLP 3.1 of 3.6.
 """
 from __future__ import annotations
 
 from .backend import get_xp
 
 
-def leading(V, c: int):
-    """The columns (last axis) of a (.., D, O) weight matrix that meet c live channels."""
-    return V if c == V.shape[-1] else V[..., :c]
+def leading(V, c: int | None):
+    """The columns (last axis) of a (.., D, O) weight matrix (or an (.., O) bias) that meet
+    c live channels (None: all of them)."""
+    return V if c is None or c == V.shape[-1] else V[..., :c]
 
 
 def widen(g, n: int):

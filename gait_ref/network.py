@@ -17,7 +17,8 @@ from .init import init_layer
 @dataclass
 class Trace:
     """One forward pass. xs[l] is layer l's input (y_{l-1}), hs[l] its pre-activation,
-    ys[l] its output, caches[l] what its gradients and inverse need."""
+    ys[l] its output, caches[l] what its gradients and inverse need. A pass of only the
+    channels read (``Network.read_widths``) holds only those in hs and ys."""
 
     xs: list = field(default_factory=list)
     hs: list = field(default_factory=list)
@@ -70,10 +71,13 @@ class Network:
         return "\n".join(rows)
 
     # ---- forward ------------------------------------------------------------------------
-    def forward(self, x) -> Trace:
+    def forward(self, x, widths=None) -> Trace:
+        """The forward pass; with ``widths`` (``read_widths``), layer l computes only its first
+        widths[l] output channels (None: all), those that anything above it reads."""
         tr = Trace()
-        for layer, f in zip(self.layers, self.activations):
-            h, cache = layer.forward(x)
+        widths = [None] * len(self.layers) if widths is None else widths
+        for layer, f, width in zip(self.layers, self.activations, widths):
+            h, cache = layer.forward(x, width)
             y = f.f(h)
             tr.xs.append(x)
             tr.hs.append(h)
@@ -99,6 +103,18 @@ class Network:
         if read % per_channel or read // per_channel >= shape[0]:
             return None
         return read // per_channel
+
+    def read_widths(self, top: int | None = None) -> list:
+        """Per layer, the leading output channels that are read: by the layer above
+        (``live_channels``) and, for a dense output layer, the first ``top`` units (the K
+        classes a loss reads); None where everything is. A forward pass with these widths
+        leaves out the auxiliary channels, which only the absolute form's inverse reads
+        (``invert_layer``): BP, FA and the target rules' difference form never do."""
+        widths = [self.live_channels(l) for l in range(len(self.layers))]
+        out = self.layers[-1].out_shape
+        if top is not None and len(out) == 1 and top < out[0]:
+            widths[-1] = int(top)
+        return widths
 
     # ---- backprop ------------------------------------------------------------------------
     def backward(self, tr: Trace, gy, feedback=None):

@@ -67,6 +67,16 @@ def output_grad_read(loss, gy):
     return gy[:, :K] if K is not None and gy.ndim == 2 and K < gy.shape[1] else gy
 
 
+def forward_widths(net, loss, rule):
+    """The forward pass ``rule`` needs (``Network.forward``'s widths): for the rules that
+    read only the channels read above them (``reads_live_outputs``: BP, FA, the target
+    rules' difference form), those channels and the loss's K classes at the top
+    (``Network.read_widths``); for the others, every channel (None)."""
+    if not getattr(rule, "reads_live_outputs", False):
+        return None
+    return net.read_widths(top=getattr(loss, "n_classes", None))
+
+
 class TrainStep:
     def __init__(self, net, loss, rule, opt, *, ortho_lambda: float = 0.0, ortho_form: str = "full",
                  ortho_every: int = 1, schedule: str = "parallel", seed: int = 0, comm=LOCAL,
@@ -76,6 +86,7 @@ class TrainStep:
         self.ortho_lambda, self.ortho_form, self.schedule, self.seed = ortho_lambda, ortho_form, schedule, seed
         self.ortho_every = int(ortho_every)
         self.bp = BP(net)
+        self.widths = forward_widths(net, loss, rule)
         self.learned_feedback = hasattr(rule, "feedback_step")
 
     def phases(self, epoch: int):
@@ -97,7 +108,7 @@ class TrainStep:
         net, xp = self.net, get_xp(x)
         n_total = x.shape[0] if n_total is None else int(n_total)
         batch = BatchSlice(n_total, start, self.comm)
-        tr = net.forward(x)
+        tr = net.forward(x, self.widths)
         loss, gy = self.loss.value_and_grad(tr.output, y, n_total)
         gy_read = output_grad_read(self.loss, gy)
         if getattr(self.rule, "takes_narrow_output_grad", False):

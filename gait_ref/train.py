@@ -297,10 +297,11 @@ class Trainer:
         loader = self.eval_loader if loader is None else loader
         k5 = self.data.n_classes > 5
         sums = [xp.zeros((), dtype=xp.float64) for _ in range(3)]
+        widths = self.net.read_widths(top=getattr(self.loss, "n_classes", None))   # what the loss reads
         for _, x, y in loader.epoch(0):
             if self._agree_on_stop():        # run() saved a checkpoint before every evaluation
                 self._stop(saved=True)
-            out = self.net.forward(x).output
+            out = self.net.forward(x, widths).output
             l, _ = self.loss.value_and_grad(out, y, n_total=1)     # 'mean' over 1 row: the sum over rows
             logits = self.loss.logits(out)
             sums[0] = sums[0] + l.astype(xp.float64)

@@ -165,27 +165,40 @@ def test_rules_take_the_output_gradient_on_the_units_the_loss_reads(xp, rule, fo
 
 @pytest.mark.parametrize("rule", ["bp", "gait"])
 def test_the_training_step_hands_the_rules_the_units_the_loss_reads(xp, rule, monkeypatch):
-    """TrainStep narrows dL/dy to the loss's K classes for the rules that take it: a step's
-    updated parameters (and BP's for the angle) equal those of a step that hands over the
-    whole output, with zeros past K (float64)."""
+    """TrainStep runs the forward pass on the channels read and the loss's K classes, and
+    narrows dL/dy to those K, for the rules that take them: a step's updated parameters (and
+    BP's for the angle) equal those of a step with the whole forward pass and the whole
+    output, zeros past K (float64). Normalized GAIT-prop's gamma counts every unit of a layer
+    (auxiliary ones too) either way."""
     from gait_ref.optim import Adam
     from gait_ref.rules import BP, TargetRule
     from gait_ref.step import TrainStep
-    K, params = 3, []
+    K, params, seen = 3, [], []
+    gamma, operator = TargetRule._gamma, RefinedInverse.operator
+    monkeypatch.setattr(TargetRule, "_gamma", lambda self, d, dist, size: seen.append(("size", size))
+                        or gamma(self, d, dist, size))
+    monkeypatch.setattr(RefinedInverse, "operator", lambda self, W, rows=0, **kw: seen.append(("rows", rows))
+                        or operator(self, W, rows, **kw))
     rng0 = np.random.default_rng(2)
     x, labels = rand(rng0, (6, 2, 8, 8), xp), xp.asarray(rng0.integers(0, K, 6))
     for narrow in (True, False):
-        if not narrow:
+        if not narrow:                  # the whole output: a full forward pass and dL/dy with its zeros
             monkeypatch.setattr(BP, "takes_narrow_output_grad", False)
             monkeypatch.setattr(TargetRule, "takes_narrow_output_grad", property(lambda self: False))
+            monkeypatch.setattr(BP, "reads_live_outputs", False)
+            monkeypatch.setattr(TargetRule, "reads_live_outputs", property(lambda self: False))
         net = _square_conv_net()
         rng = np.random.default_rng(1)
         for layer in net.layers:
             init_well_conditioned(layer, rng, xp, skew=0.1)
-        step = TrainStep(net, SoftmaxCrossEntropy(K), make_rule(rule, net, seed=0), Adam(lr=1e-3))
+        r = make_rule(rule, net, seed=0, **({"inverse_solver": "refine"} if rule == "gait" else {}))
+        step = TrainStep(net, SoftmaxCrossEntropy(K), r, Adam(lr=1e-3))
+        assert step.widths == ([None, 4, 2, K] if narrow else None)
         res = step(x, labels, step=1, epoch=0, measure=True)
-        params.append(({k: asnumpy(v).copy() for k, v in net.parameters().items()}, res.measured))
-    (a, ma), (b, mb) = params
+        params.append(({k: asnumpy(v).copy() for k, v in net.parameters().items()}, res.measured, seen[:]))
+        seen.clear()
+    (a, ma, sa), (b, mb, sb) = params
+    assert sa == sb and len(sa) == (6 if rule == "gait" else 0)   # gamma's D_l and the solves' rows alike
     assert a.keys() == b.keys()
     for k in a:
         _close(a[k], b[k], 1e-9)
@@ -193,3 +206,77 @@ def test_the_training_step_hands_the_rules_the_units_the_loss_reads(xp, rule, mo
     for k in ma["angles_deg"]:          # the rule's updates against BP's, both given the narrow gradient
         assert abs(ma["angles_deg"][k] - mb["angles_deg"][k]) <= 1e-6, (k, ma["angles_deg"], mb["angles_deg"])
         assert abs(ma["norm_ratio"][k] - mb["norm_ratio"][k]) <= 1e-9 * max(1.0, abs(mb["norm_ratio"][k]))
+
+
+@st.composite
+def any_layers(draw):
+    """A square layer (as ``square_layers``) or an ordinary conv, conv-pool or dense one, and a
+    width: how many leading output channels a forward pass computes."""
+    kind = draw(st.sampled_from(["square", "conv", "convpool", "dense"]))
+    if kind == "square":
+        layer, _ = draw(square_layers())
+    elif kind == "dense":
+        layer = Dense((draw(st.integers(1, 9)),), draw(st.integers(1, 9)))
+    else:
+        from gait_ref.layers import ConvPool2D
+        C, K, S = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 2))
+        H = draw(st.integers(max(K, 4), 8))
+        cls = Conv2D if kind == "conv" else ConvPool2D
+        layer = cls((C, H, H), K, S, n_out=draw(st.integers(1, 5)))
+    return layer, draw(st.integers(1, layer.out_shape[0]))
+
+
+@given(case=any_layers(), seed=st.integers(0, 1000))
+def test_a_narrow_forward_pass_gives_the_leading_channels_of_the_whole_one(xp, case, seed):
+    """layer.forward(x, c) computes only the first c output channels, and they are those of the
+    whole forward pass (to the rounding of a GEMM's column blocking), with the same cache."""
+    layer, c = case
+    rng = np.random.default_rng(seed)
+    init_well_conditioned(layer, rng, xp)
+    x = rand(rng, (3,) + layer.in_shape, xp)
+    h, cache = layer.forward(x)
+    hc, cache_c = layer.forward(x, c)
+    assert hc.shape == (3, c) + layer.out_shape[1:]
+    _close(hc, h[:, :c])
+    assert cache.keys() == cache_c.keys()
+    if "pool_mask" in cache:
+        assert (asnumpy(cache_c["pool_mask"]) == asnumpy(cache["pool_mask"])[:, :c]).all()
+
+
+def test_read_widths_are_the_channels_read_and_the_classes_at_the_top():
+    net = _square_conv_net()
+    assert net.read_widths() == [None, 4, 2, None]
+    assert net.read_widths(top=3) == [None, 4, 2, 3]
+    assert net.read_widths(top=net.layers[-1].n_out) == [None, 4, 2, None]   # the loss reads every unit
+    convs = Network([Conv2D((1, 4, 4), 2, 2, n_out=3)], [Identity()])
+    assert convs.read_widths(top=2) == [None]                  # a conv map's units are not its channels
+
+
+def test_the_narrow_forward_pass_of_a_network_reads_only_channels_computed(xp):
+    """Every layer's output in a forward pass of ``read_widths`` is the leading channels of the
+    whole pass's, and each layer above reads its input from them alone: the square dense output
+    reads two whole channels of conv3's map, channel-major, from a map of two channels."""
+    net = _square_conv_net()
+    rng = np.random.default_rng(3)
+    for layer in net.layers:
+        init_well_conditioned(layer, rng, xp, skew=0.1)
+    x = rand(rng, (4,) + net.in_shape, xp)
+    whole, narrow = net.forward(x), net.forward(x, net.read_widths(top=3))
+    for l, w in enumerate(net.read_widths(top=3)):
+        width = net.layers[l].out_shape[0] if w is None else w
+        assert narrow.ys[l].shape[1] == narrow.hs[l].shape[1] == width
+        _close(narrow.hs[l], whole.hs[l][:, :width])
+        _close(narrow.ys[l], whole.ys[l][:, :width])
+
+
+@pytest.mark.parametrize("rule,kw,narrow", [("bp", {}, True), ("fa", {}, True), ("gait", {}, True),
+                                            ("itp", {}, True), ("gait", {"form": "absolute"}, False),
+                                            ("dfa", {}, False)])
+def test_only_the_rules_that_read_live_channels_get_a_narrow_forward_pass(rule, kw, narrow):
+    """The absolute form inverts whole outputs (auxiliary units from the forward pass) and DFA
+    projects the error onto every unit: they get the whole forward pass."""
+    from gait_ref.step import forward_widths
+    net = _square_conv_net()
+    net.init(0, "orthogonal", np, np.float64)
+    r = make_rule(rule, net, seed=0, **kw)
+    assert forward_widths(net, SoftmaxCrossEntropy(3), r) == ([None, 4, 2, 3] if narrow else None)

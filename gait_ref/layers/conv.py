@@ -89,11 +89,12 @@ class Conv2D(_Windowed):
     def square(self) -> bool:
         return self.geom.D == self.n_out
 
-    def forward(self, x):
-        """x : (N, C, H, W) -> h : (N, O, Ho, Wo), cache with the im2col columns."""
+    def forward(self, x, width: int | None = None):
+        """x : (N, C, H, W) -> h : (N, O, Ho, Wo), cache with the im2col columns; with
+        ``width``, only the first ``width`` output channels (``gait_ref.live``)."""
         g = self.geom
         cols = im2col(self._read(x), g)                              # (M, D)
-        hm = cols @ self.params["W"] + self.params["b"]              # (M, O)
+        hm = cols @ leading(self.params["W"], width) + leading(self.params["b"], width)   # (M, O)
         return rows_to_nchw(hm, x.shape[0], g.Ho, g.Wo), {"x": x, "cols": cols}
 
     def input_grad(self, gh, cache, W=None, read_only=False):
@@ -169,8 +170,8 @@ class ConvPool2D(Conv2D):
     def square(self) -> bool:
         return False
 
-    def forward(self, x):
-        hc, cache = super().forward(x)
+    def forward(self, x, width: int | None = None):
+        hc, cache = super().forward(x, width)
         h, cache["pool_mask"] = max_pool(hc)
         return h, cache
 

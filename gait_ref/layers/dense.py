@@ -48,7 +48,9 @@ class Dense:
         return self.n_read == self.n_out
 
     def _read(self, x):
-        return x.reshape(x.shape[0], self.n_in)[:, :self.n_read]   # (N, R)
+        """(N, R): the units read, from a whole input or from one holding only its leading
+        channels (a forward pass of the channels read, ``Network.read_widths``)."""
+        return x.reshape(x.shape[0], -1)[:, :self.n_read]          # (N, R)
 
     def _embed(self, x_read, fill):
         """Put (N, R) back into a full (N, *in_shape) array, unread units from ``fill``."""
@@ -72,9 +74,10 @@ class Dense:
         return self._read_part(x_read) if read_only else self._embed(x_read, None)
 
     # ---- forward and BP -------------------------------------------------------------
-    def forward(self, x):
-        """h = x[:, :R] W + b. x : (N, *in_shape) -> h : (N, O), cache."""
-        W, b = self.params["W"], self.params["b"]
+    def forward(self, x, width: int | None = None):
+        """h = x[:, :R] W + b. x : (N, *in_shape) -> h : (N, O), cache; with ``width``, only
+        the first ``width`` output units (the rest being read by nothing, ``gait_ref.live``)."""
+        W, b = leading(self.params["W"], width), leading(self.params["b"], width)
         return self._read(x) @ W + b, {"x": x}
 
     def input_grad(self, gh, cache, W=None, read_only=False):

@@ -56,12 +56,13 @@ class LocallyConnected2D(_Windowed):
         P, N, D = cp.shape
         return xp.ascontiguousarray(cp.transpose(1, 0, 2)).reshape(N * P, D)
 
-    def forward(self, x):
-        """h[n, :, p] = patch_p(x_n) W[p] + b[p]. x : (N, C, H, W) -> (N, O, Ho, Wo)."""
+    def forward(self, x, width: int | None = None):
+        """h[n, :, p] = patch_p(x_n) W[p] + b[p]. x : (N, C, H, W) -> (N, O, Ho, Wo); with
+        ``width``, only the first ``width`` output channels (``gait_ref.live``)."""
         N = x.shape[0]
         cols = im2col(self._read(x), self.geom)                      # (N*P, D)
-        hp = self._to_positions(cols, N) @ self.params["W"]          # (P, N, O)
-        hp += self.params["b"][:, None, :]
+        hp = self._to_positions(cols, N) @ leading(self.params["W"], width)   # (P, N, O)
+        hp += leading(self.params["b"], width)[:, None, :]
         return self._from_positions(hp), {"x": x, "cols": cols}
 
     def input_grad(self, gh, cache, W=None, read_only=False):

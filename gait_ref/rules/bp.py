@@ -6,6 +6,7 @@ class BP:
     name = "bp"
     needs_square = False
     takes_narrow_output_grad = True      # gy with only the output units the loss reads (Network.backward)
+    reads_live_outputs = True            # a forward pass of the channels read is enough (Network.read_widths)
 
     def __init__(self, net):
         self.net = net

@@ -33,6 +33,7 @@ class FA:
     name = "fa"
     needs_square = False
     takes_narrow_output_grad = True      # gy with only the output units the loss reads (Network.backward)
+    reads_live_outputs = True            # a forward pass of the channels read is enough (Network.read_widths)
 
     def __init__(self, net, seed: int = 0, init: str = "orthogonal"):
         self.net = net

@@ -77,12 +77,13 @@ def _squared_norms(d):
     return get_xp(d).einsum(f"n{axes},n{axes}->n", d, d)
 
 
-def _solve_rows(y, W, n_total: int) -> int:
+def _solve_rows(layer, W, n_total: int) -> int:
     """Rows per matrix of the solves through W over the whole batch of ``n_total`` samples:
-    a sample's output units y[0] over the D x D matrices' total width (positions of a conv,
-    1 for a dense layer or a stack of P matrices), times the batch (the same on every process)."""
+    a sample's output units (all of them) over the D x D matrices' total width (positions of
+    a conv, 1 for a dense layer or a stack of P matrices), times the batch (the same on every
+    process)."""
     matrices = W.size // (W.shape[-1] * W.shape[-1])                   # P for a stack, else 1
-    return y[0].size // (W.shape[-1] * matrices) * n_total
+    return math.prod(layer.out_shape) // (W.shape[-1] * matrices) * n_total
 
 
 class TargetRule:
@@ -163,7 +164,7 @@ class TargetRule:
             ops = {}
 
             def make_op(l, W, live):
-                rows = _solve_rows(tr.ys[l], W, batch.n_total)
+                rows = _solve_rows(self.net.layers[l], W, batch.n_total)
                 ops[l] = self.refined[l].operator(W, rows, retry=attempt > 0, live=live)
                 return ops[l]
             grads, info = self._recursion(tr, gy, make_op)
@@ -214,14 +215,21 @@ class TargetRule:
         (``TrainStep``): the difference form, whose d_L is then that narrow too."""
         return self.form == "difference"
 
-    def _live_channels(self, tr, gy) -> list:
+    @property
+    def reads_live_outputs(self) -> bool:
+        """Whether a forward pass of only the channels read (``Network.read_widths``) is
+        enough: in the difference form, d and every array made from it hold only those, and
+        so do the forward values it reads; the absolute form inverts whole outputs."""
+        return self.form == "difference"
+
+    def _live_channels(self, gy) -> list:
         """Per layer, the leading output channels that carry d (``Network.live_channels``;
         for the top layer, the units gy holds) in the difference form; the absolute form
         carries whole targets (None: all)."""
         if self.form != "difference":
             return [None] * len(self.net)
         live = [self.net.live_channels(l) for l in range(len(self.net))]
-        if gy.shape[1] < tr.ys[-1].shape[1]:
+        if gy.shape[1] < self.net.layers[-1].out_shape[0]:
             live[-1] = gy.shape[1]
         return live
 
@@ -238,7 +246,7 @@ class TargetRule:
         # units' targets are their forward values, d = 0 there), and so does every array
         # made from it; the layers' GEMMs run on those channels (gait_ref.live). d_L holds
         # the output units gy holds: those the loss reads, where TrainStep narrows it.
-        live = self._live_channels(tr, gy)
+        live = self._live_channels(gy)
         if self.form == "absolute" and gy.shape[1] < yL.shape[1]:
             gy = widen(gy, yL.shape[1])                   # whole targets: the loss's zeros written out
         d = -gy                                   # d_L = t_L - y_L = -dL/dy_L
@@ -254,7 +262,7 @@ class TargetRule:
             dist[l] = dn.mean()                                              # 0-d, on the device
             if l == 0:
                 break
-            gamma = self._gamma(d, dn, tr.ys[l][0].size)
+            gamma = self._gamma(d, dn, math.prod(layer.out_shape))
             eps = self._eps(gamma, fp)
             op = make_op(l, layer.params["W"], c)
             if self.form == "difference":
