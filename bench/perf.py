@@ -1,6 +1,6 @@
 """Performance benchmarks (issue: GAIT-prop at the cost of its own arithmetic). Prints its figures.
 
-    python bench/perf.py [--quick] [--backend numpy|cupy] [--only ratio,efficiency,torch,float32,gemm,memory,data,solver]
+    python bench/perf.py [--quick] [--backend numpy|cupy] [--only ratio,efficiency,torch,float32,gemm,memory,data,solver,floor]
 
 ratio       one full training step (``gait_ref.step.TrainStep``: forward, rule, regulariser,
             Adam) of normalized GP and of BP, interleaved (A, B, A, B), several steps per
@@ -24,6 +24,14 @@ gemm        a BP step of conv7 in GFLOP/s (per layer 3 GEMMs, the backward two o
 memory      peak memory of a step (tracemalloc, the highest of 8), GP against BP on the same network.
 data        the shard loader's images/s against the GP training step (bench/loader.py has
             the full loader benchmark).
+floor       no timing: the fewest GEMM flops a GP step can do against BP's step (the counts of
+            section 2), and so how much faster per flop than BP a GP step would have to run to
+            meet each GP/BP target. Three floors: (a) the forward pass and weight gradients on
+            the live channels, the regulariser (3 D^3 per square layer, with a symmetric
+            product) every K steps, and per solve only its first product with an inverse that
+            costs nothing; (b) (a) with a fresh LU per square layer (2/3 D^3) and the
+            triangular solves for the live rows of W^-1, an exact solve left unchecked;
+            (c) (b) with the residual that checks it (M x D x D).
 solver      the GP step with ``--inverse-solver refine`` against ``lu``, float32 and float64,
             interleaved, with the refinement's corrections per solve, recomputed steps and
             renewals of the kept inverse (gait_ref/linalg.py explains the policy).
@@ -182,6 +190,36 @@ def gp_flops(net, batch, stats, steps, ortho_every, solver, dtype=np.float32, K=
                                     for _, l in square))
     reg = sum(2 * _gemm(*l.weight_shape, l.weight_shape[-1]) for _, l in square if len(l.weight_shape) == 2)
     return steps * fwd + rule + reg * (steps // ortho_every)
+
+
+TARGETS = {("mlp-deep", 4): 2.0, ("mlp-deep", 16): 1.6, ("conv7-64px", 1): 1.8}
+
+
+def gp_flop_floors(net, batch, ortho_every, K):
+    """(a, b, c) of the ``floor`` section (see the module docstring), in flops."""
+    layers = list(enumerate(net.layers))
+    live = sum(_gemm(_rows(l, batch), l.weight_shape[-2], _live(net, i, K)) for i, l in layers)
+    square = [(_rows(l, batch), _live(net, i, K), l.weight_shape[-1]) for i, l in layers[1:] if l.square]
+    reg = sum(3 * D ** 3 for _, _, D in square) / ortho_every
+    a = 2 * live + reg + sum(_gemm(M, c, D) for M, c, D in square)
+    # an LU, then the live rows of W^-1 (c triangular solves, 2 c D^2) or the M right-hand
+    # sides directly (2 M D^2), whichever is fewer, then their product with the c live columns
+    b = 2 * live + reg + sum(2 / 3 * D ** 3 + min(2 * c * D * D + _gemm(M, c, D), 2 * M * D * D) for M, c, D in square)
+    return a, b, b + sum(_gemm(M, D, D) for M, _, D in square)
+
+
+def bench_floor(xp, quick):
+    print("\n## 9. the flop floor: the fewest GEMM flops of a GP step against BP's (no timing)")
+    for name, every in TARGETS:
+        s = Setup(name, "gait", np, np.float32, NETS[name][1])
+        K = s.loss.n_classes
+        bp = bp_flops(s.net, s.batch, K=K)
+        a, b, c = gp_flop_floors(s.net, s.batch, every, K)
+        t = TARGETS[(name, every)]
+        print(f"- {name} batch {s.batch}, --ortho-every {every}: BP {bp / 1e9:.2f} GFLOP; GP at least (a) "
+              f"{a / 1e9:.2f}, (b) {b / 1e9:.2f}, (c) {c / 1e9:.2f} GFLOP: {a / bp:.2f}, {b / bp:.2f}, {c / bp:.2f} x "
+              f"BP's. GP/BP <= {t} needs GP's GFLOP/s at least {a / bp / t:.2f}, {b / bp / t:.2f}, {c / bp / t:.2f} "
+              "x BP's", flush=True)
 
 
 def gemm_rate(xp, n=2048):
@@ -503,7 +541,7 @@ def bench_data(xp, quick):
 @click.command()
 @click.option("--quick", is_flag=True, help="Small batches and few repeats: checks that everything runs.")
 @click.option("--backend", default="numpy", type=click.Choice(["numpy", "cupy"]))
-@click.option("--only", default="ratio,efficiency,torch,float32,gemm,memory,data,solver", show_default=True)
+@click.option("--only", default="ratio,efficiency,torch,float32,gemm,memory,data,solver,floor", show_default=True)
 @click.option("--time-one", nargs=5, hidden=True)
 def main(quick, backend, only, time_one):
     if time_one:                                   # a worker of bench_torch: print seconds per step
@@ -532,6 +570,8 @@ def main(quick, backend, only, time_one):
         bench_data(xp, quick)
     if "solver" in parts:
         bench_solver(xp, quick)
+    if "floor" in parts:
+        bench_floor(xp, quick)
 
 
 if __name__ == "__main__":
