@@ -159,14 +159,16 @@ def bp_flops(net, batch, live=True, K=None):
     return total
 
 
-def gp_flops(net, batch, stats, steps, ortho_every, solver, dtype=np.float32, K=None):
+def gp_flops(net, batch, stats, steps, ortho_every, solver, dtype=np.float32, K=None, symmetric=True):
     """The GEMM flops of ``steps`` GP training steps: the forward pass (on the c live output
     channels, ``gait_ref.step.forward_widths``), per recursion of the
     rule (stats['recursions']) every layer's weight gradient (on its c live output channels)
     and, per square layer above the first, the solve (refine: B X on c columns of B and the
     residual, M x c x D and M x D x D, plus two GEMMs of M x D x D per correction from
-    stats['corrections']; lu: 2/3 D^3 + 2 M D^2), and the regulariser's two D x D x D GEMMs
-    per square 2-D layer every ``ortho_every`` steps. A float32 layer with M >= D rows and
+    stats['corrections']; lu: 2/3 D^3 + 2 M D^2), and the regulariser per square 2-D layer
+    every ``ortho_every`` steps: W W^T and (W W^T - I) W, 3 D^3 flops where W W^T is the
+    symmetric product numpy sends to BLAS's syrk (``symmetric``: numpy), 4 D^3 as two GEMMs
+    (cupy). A float32 layer with M >= D rows and
     c < D live columns solves from c rows of W^-1 with no residual (gait_ref.linalg's
     _solve_by_rows): M x c x D (in float64), the Gram matrix M x c x c and the rows' error
     c x D x D and c x c x D. Not counted: the kept inverses' renewals (a fresh inverse or a
@@ -188,7 +190,7 @@ def gp_flops(net, batch, stats, steps, ortho_every, solver, dtype=np.float32, K=
     else:
         rule = steps * (grads + sum(2 / 3 * l.weight_shape[-1] ** 3 + 2 * _rows(l, batch) * l.weight_shape[-1] ** 2
                                     for _, l in square))
-    reg = sum(2 * _gemm(*l.weight_shape, l.weight_shape[-1]) for _, l in square if len(l.weight_shape) == 2)
+    reg = sum((3 if symmetric else 4) * l.weight_shape[-1] ** 3 for _, l in square if len(l.weight_shape) == 2)
     return steps * fwd + rule + reg * (steps // ortho_every)
 
 
@@ -267,7 +269,7 @@ def bench_efficiency(xp, quick):
         synchronize(xp)
         dt = (time.perf_counter() - t) / n
         st = {k: s.rule.stats[k] - st0[k] for k in st0}
-        fl = gp_flops(s.net, b, st, n, 1, "refine", K=s.loss.n_classes) / n
+        fl = gp_flops(s.net, b, st, n, 1, "refine", K=s.loss.n_classes, symmetric=xp is np) / n
         eff = fl / dt / 1e9 / peak
         target = " (target 70%: " + ("met)" if eff >= 0.7 else "NOT met)") if name == "mlp-deep" else ""
         print(f"- {name} batch {b}: {fl / 1e9:.1f} GFLOP per GP step in {dt * 1e3:.0f} ms = {fl / dt / 1e9:.0f} GFLOP/s; "
