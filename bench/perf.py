@@ -18,8 +18,8 @@ torch       the same GP step in PyTorch (bench/torch_gp.py: LU solve and regular
 float32     GP's angle to BP in float32 (difference form) against float64: at
             initialisation, after 100 steps on one batch, and after training on real
             Fashion-MNIST batches. Target |angle32 - angle64| <= 0.1 degree.
-gemm        a BP step of conv7 in GFLOP/s (per layer 3 GEMMs, the backward two on the live
-            output channels) against the GEMM rate.
+gemm        a BP step of conv7 in GFLOP/s (per layer 3 GEMMs, all on the live output
+            channels: the forward pass computes only those) against the GEMM rate.
             Target >= 60%.
 memory      peak memory of a step (tracemalloc, the highest of 8), GP against BP on the same network.
 data        the shard loader's images/s against the GP training step (bench/loader.py has
