@@ -147,16 +147,27 @@ def _live(net, l, K=None):
     return net.layers[l].weight_shape[-1] if c is None else c
 
 
+def _live_gemms(net, batch, K=None) -> list:
+    """Per layer, the flops of one GEMM of its M rows, D inputs and c live output channels:
+    its forward pass, its weight gradient and its input gradient are each one such."""
+    return [_gemm(_rows(l, batch), l.weight_shape[-2], _live(net, i, K)) for i, l in enumerate(net.layers)]
+
+
+def regulariser_flops(net, symmetric=True) -> int:
+    """The orthogonality regulariser's flops per square 2-D layer above the first: W W^T and
+    (W W^T - I) W, 3 D^3 where W W^T is the symmetric product numpy sends to BLAS's syrk
+    (``symmetric``: numpy), 4 D^3 as two GEMMs (cupy)."""
+    return sum((3 if symmetric else 4) * l.weight_shape[-1] ** 3 for l in net.layers[1:]
+               if l.square and len(l.weight_shape) == 2)
+
+
 def bp_flops(net, batch, live=True, K=None):
     """BP: per layer the forward GEMM, the weight gradient and the input gradient (M x D x c,
     c the live output channels, K at the output; the first layer has no input gradient),
     2 M K N flops each. ``live=False``: c = O, as autograd computes them (torch's step)."""
-    total = 0
-    for i, l in enumerate(net.layers):
-        M, (D, O) = _rows(l, batch), l.weight_shape
-        c = _live(net, i, K) if live else O
-        total += (2 if i == 0 else 3) * _gemm(M, D, c)
-    return total
+    if live:
+        return sum((2 if i == 0 else 3) * g for i, g in enumerate(_live_gemms(net, batch, K)))
+    return sum((2 if i == 0 else 3) * _gemm(_rows(l, batch), *l.weight_shape) for i, l in enumerate(net.layers))
 
 
 def gp_flops(net, batch, stats, steps, ortho_every, solver, dtype=np.float32, K=None, symmetric=True):
@@ -165,16 +176,14 @@ def gp_flops(net, batch, stats, steps, ortho_every, solver, dtype=np.float32, K=
     rule (stats['recursions']) every layer's weight gradient (on its c live output channels)
     and, per square layer above the first, the solve (refine: B X on c columns of B and the
     residual, M x c x D and M x D x D, plus two GEMMs of M x D x D per correction from
-    stats['corrections']; lu: 2/3 D^3 + 2 M D^2), and the regulariser per square 2-D layer
-    every ``ortho_every`` steps: W W^T and (W W^T - I) W, 3 D^3 flops where W W^T is the
-    symmetric product numpy sends to BLAS's syrk (``symmetric``: numpy), 4 D^3 as two GEMMs
-    (cupy). A float32 layer with M >= D rows and
+    stats['corrections']; lu: 2/3 D^3 + 2 M D^2), and the regulariser every ``ortho_every``
+    steps (``regulariser_flops``). A float32 layer with M >= D rows and
     c < D live columns solves from c rows of W^-1 with no residual (gait_ref.linalg's
     _solve_by_rows): M x c x D (in float64), the Gram matrix M x c x c and the rows' error
     c x D x D and c x c x D. Not counted: the kept inverses' renewals (a fresh inverse or a
     Newton-Schulz step, see gait_ref.linalg), so the rate is a lower bound."""
     layers = list(enumerate(net.layers))
-    grads = sum(_gemm(_rows(l, batch), l.weight_shape[-2], _live(net, i, K)) for i, l in layers)
+    grads = sum(_live_gemms(net, batch, K))
     fwd = grads                                      # the forward pass computes the live channels only
     square = [(i, l) for i, l in layers[1:] if l.square]
 
@@ -190,8 +199,7 @@ def gp_flops(net, batch, stats, steps, ortho_every, solver, dtype=np.float32, K=
     else:
         rule = steps * (grads + sum(2 / 3 * l.weight_shape[-1] ** 3 + 2 * _rows(l, batch) * l.weight_shape[-1] ** 2
                                     for _, l in square))
-    reg = sum((3 if symmetric else 4) * l.weight_shape[-1] ** 3 for _, l in square if len(l.weight_shape) == 2)
-    return steps * fwd + rule + reg * (steps // ortho_every)
+    return steps * fwd + rule + regulariser_flops(net, symmetric) * (steps // ortho_every)
 
 
 TARGETS = {("mlp-deep", 4): 2.0, ("mlp-deep", 16): 1.6, ("conv7-64px", 1): 1.8}
@@ -199,10 +207,9 @@ TARGETS = {("mlp-deep", 4): 2.0, ("mlp-deep", 16): 1.6, ("conv7-64px", 1): 1.8}
 
 def gp_flop_floors(net, batch, ortho_every, K):
     """(a, b, c) of the ``floor`` section (see the module docstring), in flops."""
-    layers = list(enumerate(net.layers))
-    live = sum(_gemm(_rows(l, batch), l.weight_shape[-2], _live(net, i, K)) for i, l in layers)
-    square = [(_rows(l, batch), _live(net, i, K), l.weight_shape[-1]) for i, l in layers[1:] if l.square]
-    reg = sum(3 * D ** 3 for _, _, D in square) / ortho_every
+    live = sum(_live_gemms(net, batch, K))
+    square = [(_rows(l, batch), _live(net, i, K), l.weight_shape[-1]) for i, l in enumerate(net.layers) if i and l.square]
+    reg = regulariser_flops(net) / ortho_every
     a = 2 * live + reg + sum(_gemm(M, c, D) for M, c, D in square)
     # an LU, then the live rows of W^-1 (c triangular solves, 2 c D^2) or the M right-hand
     # sides directly (2 M D^2), whichever is fewer, then their product with the c live columns

@@ -10,7 +10,7 @@ the order in which a GEMM adds its terms.
 
 Nothing reads the auxiliary channels' forward values either, except the absolute form's
 inverse (``Network.invert_layer``): the rules that read only live channels
-(``reads_live_outputs``) get a forward pass that computes only those
+(``takes_narrow_output_grad``) get a forward pass that computes only those
 (``Network.read_widths``): on conv7 at 64 px, 1.6 of the full forward's 6.9 GFLOP
 (batch 64), on the deep MLP 3.1 of 3.6.
 """

@@ -69,10 +69,10 @@ def output_grad_read(loss, gy):
 
 def forward_widths(net, loss, rule):
     """The forward pass ``rule`` needs (``Network.forward``'s widths): for the rules that
-    read only the channels read above them (``reads_live_outputs``: BP, FA, the target
-    rules' difference form), those channels and the loss's K classes at the top
-    (``Network.read_widths``); for the others, every channel (None)."""
-    if not getattr(rule, "reads_live_outputs", False):
+    take dL/dy narrow (``takes_narrow_output_grad``: BP, FA, the target rules' difference
+    form), which read only the channels read above them, those channels and the loss's K
+    classes at the top (``Network.read_widths``); for the others, every channel (None)."""
+    if not getattr(rule, "takes_narrow_output_grad", False):
         return None
     return net.read_widths(top=getattr(loss, "n_classes", None))
 

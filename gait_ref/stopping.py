@@ -11,8 +11,8 @@ nothing had happened. Without this, a job resumes from its last periodic checkpo
 (by default the last epoch's end).
 
 With several processes, every rank must stop after the same step (the checkpoint is a
-collective): the trainer sums the ranks' flags after every step (one host all-reduce of
-one number), so a signal that reaches one rank stops them all.
+collective): the trainer takes the largest of the ranks' flags after every step (one host
+all-reduce of one number), so a signal that reaches one rank stops them all.
 
 Loader worker processes ignore these signals (and SIGINT): the main process closes them.
 """

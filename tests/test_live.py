@@ -185,8 +185,6 @@ def test_the_training_step_hands_the_rules_the_units_the_loss_reads(xp, rule, mo
         if not narrow:                  # the whole output: a full forward pass and dL/dy with its zeros
             monkeypatch.setattr(BP, "takes_narrow_output_grad", False)
             monkeypatch.setattr(TargetRule, "takes_narrow_output_grad", property(lambda self: False))
-            monkeypatch.setattr(BP, "reads_live_outputs", False)
-            monkeypatch.setattr(TargetRule, "reads_live_outputs", property(lambda self: False))
         net = _square_conv_net()
         rng = np.random.default_rng(1)
         for layer in net.layers:

@@ -5,8 +5,9 @@ from __future__ import annotations
 class BP:
     name = "bp"
     needs_square = False
-    takes_narrow_output_grad = True      # gy with only the output units the loss reads (Network.backward)
-    reads_live_outputs = True            # a forward pass of the channels read is enough (Network.read_widths)
+    # gy with only the output units the loss reads, and a forward pass of only the channels read
+    # (Network.backward reads nothing else; TrainStep)
+    takes_narrow_output_grad = True
 
     def __init__(self, net):
         self.net = net

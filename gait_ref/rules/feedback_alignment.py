@@ -32,8 +32,9 @@ def draw_feedback(net, shapes, seed: int, init: str):
 class FA:
     name = "fa"
     needs_square = False
-    takes_narrow_output_grad = True      # gy with only the output units the loss reads (Network.backward)
-    reads_live_outputs = True            # a forward pass of the channels read is enough (Network.read_widths)
+    # gy with only the output units the loss reads, and a forward pass of only the channels read
+    # (Network.backward reads nothing else; TrainStep)
+    takes_narrow_output_grad = True
 
     def __init__(self, net, seed: int = 0, init: str = "orthogonal"):
         self.net = net

@@ -211,27 +211,19 @@ class TargetRule:
 
     @property
     def takes_narrow_output_grad(self) -> bool:
-        """Whether ``compute`` takes dL/dy_L holding only the output units the loss reads
-        (``TrainStep``): the difference form, whose d_L is then that narrow too."""
-        return self.form == "difference"
-
-    @property
-    def reads_live_outputs(self) -> bool:
-        """Whether a forward pass of only the channels read (``Network.read_widths``) is
-        enough: in the difference form, d and every array made from it hold only those, and
-        so do the forward values it reads; the absolute form inverts whole outputs."""
+        """Whether ``compute`` takes dL/dy_L holding only the output units the loss reads,
+        and a forward pass of only the channels read (``TrainStep``): the difference form,
+        whose d and every array made from it hold only those, and which reads only those of
+        the forward values; the absolute form inverts whole outputs."""
         return self.form == "difference"
 
     def _live_channels(self, gy) -> list:
-        """Per layer, the leading output channels that carry d (``Network.live_channels``;
-        for the top layer, the units gy holds) in the difference form; the absolute form
-        carries whole targets (None: all)."""
+        """Per layer, the leading output channels that carry d in the difference form: those
+        read above (``Network.read_widths``), at a dense top the units gy holds; the absolute
+        form carries whole targets (None: all)."""
         if self.form != "difference":
             return [None] * len(self.net)
-        live = [self.net.live_channels(l) for l in range(len(self.net))]
-        if gy.shape[1] < self.net.layers[-1].out_shape[0]:
-            live[-1] = gy.shape[1]
-        return live
+        return self.net.read_widths(top=gy.shape[1])
 
     def _recursion(self, tr, gy, make_op):
         """The target recursion (see the module docstring); ``make_op(l, W, live)`` gives
