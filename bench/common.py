@@ -7,6 +7,7 @@ import numpy as np
 
 from gait_ref.architectures import build
 from gait_ref.backend import synchronize, to_device
+from gait_ref.config import square_network
 from gait_ref.losses import SoftmaxCrossEntropy
 from gait_ref.rules import make_rule
 
@@ -21,7 +22,7 @@ QUICK_BATCH = {"mlp-deep": 64, "conv7-64px": 16}
 def setup(name, rule, xp, dtype, seed=0, batch=None):
     arch, in_shape, K, B = NETWORKS[name]
     B = batch or B
-    net = build(arch, in_shape, K, invertible=rule in ("tp", "itp", "gait-vanilla", "gait"))
+    net = build(arch, in_shape, K, invertible=square_network(rule))
     net.init(seed, "orthogonal", xp, dtype)
     rng = np.random.default_rng(seed + 1)
     x = to_device(rng.random((B,) + in_shape).astype(dtype), xp)      # like /255 pixels
@@ -45,7 +46,7 @@ def timed(fn, xp, repeats=3, warmup=1):
 
 def blas_line() -> str:
     """Which BLAS libraries and thread counts this process runs, for a benchmark's first line."""
-    from gait_ref.train import blas_info
+    from gait_ref.backend import blas_info
     return "BLAS: " + "; ".join(f"{d['internal_api']} {d['version']} ({d['architecture']}) {d['num_threads']} threads"
                                 for d in blas_info())
 
@@ -93,7 +94,7 @@ def alternating_processes(argvs: dict, repeats: int) -> dict:
 def rule_step(net, x, y, loss, rule_name, seed=0):
     """A closure computing one step's updates (forward, loss, rule), no optimiser."""
     rule = make_rule(rule_name, net, seed=seed)
-    target = rule_name in ("tp", "itp", "gait-vanilla", "gait")
+    target = square_network(rule_name)
 
     def step():
         tr = net.forward(x)

@@ -13,7 +13,6 @@ explicit count is the count.
 """
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 import time
@@ -25,6 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gait_ref import backend, emulation  # noqa: E402
 from gait_ref.config import Config  # noqa: E402
+from gait_ref.runfolder import read_records  # noqa: E402
 from gait_ref.train import Trainer  # noqa: E402
 
 
@@ -50,7 +50,7 @@ def main(name, rule, arch, task, data, steps, batch, loader_workers):
         cfg = Config(task=task, data=data, arch=arch, rule=rule, backend=name, batch_size=batch, max_steps=steps,
                      log_every=10, quiet=True, out=out, eval_subset=batch, loader_workers=loader_workers)
         Trainer(cfg).run(on_step=on_step)
-        recs = [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+        recs = read_records(out)
     quiet = [r for r in rows[1:] if not r["logged"]]
     train = [r for r in recs if r["split"] == "train"]
     print(f"{rule} on {cfg.resolved().arch}, {task}, backend {name}, batch {batch}: {len(quiet)} of {len(rows)} "

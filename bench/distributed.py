@@ -28,20 +28,14 @@ sys.path.insert(0, str(ROOT))
 
 
 def worker(batch: int, steps: int, rule: str) -> None:
-    from gait_ref.architectures import build
+    from gait_ref.assembly import build_step
+    from gait_ref.backend import blas_info
+    from gait_ref.config import Config
     from gait_ref.distributed import MPIComm
-    from gait_ref.losses import SoftmaxCrossEntropy
-    from gait_ref.optim import Adam
-    from gait_ref.rules import make_rule
-    from gait_ref.step import TrainStep
-    from gait_ref.train import blas_info
     comm = MPIComm(timeout=600)
     local = batch // comm.size
-    target = rule in ("tp", "itp", "gait-vanilla", "gait")
-    net = build("conv7", (3, 64, 64), 1000, invertible=target)
-    net.init(0, "orthogonal", np, np.float32)
-    step = TrainStep(net, SoftmaxCrossEntropy(1000), make_rule(rule, net), Adam(lr=4.9e-5, beta2=0.99),
-                     ortho_lambda=1.0 if target else 0.0, comm=comm)
+    step = build_step(Config(task="imagenet", arch="conv7", rule=rule, batch_size=batch), (3, 64, 64), 1000, np, comm)
+    net = step.net
     rng = np.random.default_rng(comm.rank)
     x = rng.random((local, 3, 64, 64)).astype(np.float32)
     y = rng.integers(0, 1000, local)
@@ -53,7 +47,8 @@ def worker(batch: int, steps: int, rule: str) -> None:
         step(x, y, step=i + 2, **kw)
     comm.barrier()
     dt = (time.perf_counter() - t) / steps
-    n_scalars = 2 + len(net)                                       # loss, correct, non-finite outputs per layer
+    # loss, correct, non-finite outputs per layer; the norms of each exact inverse's solve (cond_max check)
+    n_scalars = 2 + len(net) + (2 * sum(1 for l in net.layers[1:] if l.square) if hasattr(step.rule, "refined") else 0)
     n_bytes = sum(v.nbytes for v in net.parameters().values()) + 4 * n_scalars
     buf = np.ones(n_bytes // 4, np.float32)
     comm.barrier()

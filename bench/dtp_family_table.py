@@ -8,18 +8,20 @@ first and last measurement, and the wall time. Figures come from metrics.jsonl o
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gait_ref.runfolder import read_records  # noqa: E402
+
 
 def summarise(run: Path) -> dict | None:
-    path = run / "metrics.jsonl"
-    if not path.exists():
+    try:
+        recs = read_records(run)
+    except FileNotFoundError:
         return None
-    recs = [json.loads(l) for l in path.read_text().splitlines()]
     test = [r for r in recs if r["split"] == "test"]
     meas = [r for r in recs if "angles_deg" in r]
     if not test or not meas:

@@ -32,7 +32,7 @@ from gait_ref.losses import SoftmaxCrossEntropy  # noqa: E402
 from gait_ref.optim import Adam  # noqa: E402
 from gait_ref.rules import make_rule  # noqa: E402
 from gait_ref.step import TrainStep  # noqa: E402
-from gait_ref.train import blas_info  # noqa: E402
+from gait_ref.backend import blas_info  # noqa: E402
 
 
 def pack_synthetic(root: Path, n: int, size: int = 64, per_shard: int = 1024, classes: int = 1000) -> Path:

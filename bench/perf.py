@@ -54,19 +54,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import alternating_processes, interleaved, timed  # noqa: E402
+from common import alternating_processes, blas_line, interleaved, timed  # noqa: E402
 
 from gait_ref.architectures import build  # noqa: E402
+from gait_ref.assembly import build_step  # noqa: E402
 from gait_ref.backend import get_backend, synchronize, to_device, to_numpy  # noqa: E402
+from gait_ref.config import Config  # noqa: E402
 from gait_ref.hostmem import keep_freed_memory  # noqa: E402
-from gait_ref.losses import SoftmaxCrossEntropy  # noqa: E402
 from gait_ref.metrics import compare_updates  # noqa: E402
-from gait_ref.optim import Adam  # noqa: E402
 from gait_ref.rules import make_rule  # noqa: E402
-from gait_ref.step import TrainStep, forward_widths, output_grad_read  # noqa: E402
-from gait_ref.train import blas_info  # noqa: E402
-
-TARGET = ("tp", "itp", "gait-vanilla", "gait")
+from gait_ref.step import forward_widths, output_grad_read  # noqa: E402
 
 
 def real_batch(name, batch, rng):
@@ -88,12 +85,12 @@ def real_batch(name, batch, rng):
 
 
 NETS = {"mlp-deep": ("mlp-deep", 256, 64), "conv7-64px": ("conv7", 64, 16)}   # arch, batch, quick batch
-PAPER = {"mlp-deep": dict(lr=1.9e-5, beta2=0.999, eps=1e-6, lam=100.0),      # the scaling code's settings
-         "conv7-64px": dict(lr=4.9e-5, beta2=0.99, eps=1e-8, lam=1.0)}
 
 
 class Setup:
-    """A network on real images with a rule, and its training step (the library's own)."""
+    """A network on real images with a rule, and its training step as ``run.py`` builds it
+    (``gait_ref.assembly.build_step``: the presets of the scaling paper's code for the
+    architecture and rule, as ``self.cfg`` holds them)."""
 
     def __init__(self, name, rule, xp, dtype, batch, seed=0, invertible=None, ortho_every=1, solver="auto",
                  keep_memory=True):
@@ -102,17 +99,11 @@ class Setup:
         arch = NETS[name][0]
         rng = np.random.default_rng(seed)
         x, y, K = real_batch(name, batch, rng)
-        inv = rule in TARGET if invertible is None else invertible
-        self.net = build(arch, x.shape[1:], K, invertible=inv)
-        self.net.init(seed, "orthogonal", xp, dtype)
+        self.cfg = Config(arch=arch, rule=rule, dtype=np.dtype(dtype).name, seed=seed, batch_size=batch,
+                          square_net=bool(invertible), ortho_every=ortho_every, inverse_solver=solver).resolved()
+        self.step = build_step(self.cfg, x.shape[1:], K, xp)
+        self.net, self.loss, self.rule, self.opt = self.step.net, self.step.loss, self.step.rule, self.step.opt
         self.x, self.y = to_device(x.astype(dtype), xp), to_device(y, xp)
-        self.loss = SoftmaxCrossEntropy(K)
-        self.rule = make_rule(rule, self.net, seed=seed, inverse_solver=solver)
-        self.target = rule in TARGET
-        p = PAPER[name]
-        self.opt = Adam(lr=p["lr"], beta2=p["beta2"], eps=p["eps"], eps_placement="tf")
-        self.step = TrainStep(self.net, self.loss, self.rule, self.opt, ortho_lambda=p["lam"] if self.target else 0.0,
-                              ortho_every=ortho_every)
         self.n, self.xp, self.batch = 0, xp, batch
 
     def updates(self):
@@ -448,7 +439,7 @@ def _time_one(which, name, dtype, batch, steps) -> float:
         import torch
         from torch_gp import TorchGP
         torch.set_num_threads(os.cpu_count() or 1)
-        tg = TorchGP(s.net, lam=PAPER[name]["lam"], lr=PAPER[name]["lr"],
+        tg = TorchGP(s.net, lam=s.cfg.ortho_lambda, lr=s.cfg.lr,
                      dtype=torch.float32 if dt == np.float32 else torch.float64)
         xt, yt = torch.tensor(s.x), torch.tensor(s.y)
         fn = lambda: tg.step(xt, yt, s.loss.n_classes)            # noqa: E731
@@ -563,8 +554,7 @@ def main(quick, backend, only, time_one):
     xp = get_backend(backend)
     print(f"gait_ref benchmarks: backend {backend}, {os.cpu_count()} CPU cores, numpy {np.__version__}"
           + (" (quick)" if quick else ""))
-    print("BLAS: " + "; ".join(f"{d['internal_api']} {d['version']} ({d['architecture']}) {d['num_threads']} threads"
-                               for d in blas_info()) + f"; OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '')}")
+    print(blas_line() + f"; OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '')}")
     parts = only.split(",")
     if "ratio" in parts:
         bench_ratio(xp, quick)

@@ -14,7 +14,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from gait_ref.linalg import RefinedInverse
-from gait_ref.train import blas_info
+from gait_ref.backend import blas_info
 
 
 @click.command()

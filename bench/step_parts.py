@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gait_ref import optim  # noqa: E402
-from gait_ref.train import blas_info  # noqa: E402
+from gait_ref.backend import blas_info  # noqa: E402
 
 
 def _median_ms(times):

@@ -190,6 +190,16 @@ def read_scalars(values) -> list:
     return [float(v) for v in host]
 
 
+def blas_info() -> list:
+    """Which BLAS/LAPACK libraries and thread counts this process runs (threadpoolctl)."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:  # pragma: no cover - threadpoolctl is a dependency
+        return []
+    return [{k: d.get(k) for k in ("internal_api", "version", "num_threads", "architecture", "filepath")}
+            for d in threadpool_info()]
+
+
 def pinned_empty(shape, dtype, xp):
     """A host array for copies to ``xp``: page-locked (pinned) memory on a device, so the
     host-to-device copy can run asynchronously; a plain numpy array otherwise."""

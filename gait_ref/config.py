@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 TASK_DEFAULT_ARCH = {"mnist": "mlp-784x4", "fashion-mnist": "mlp-784x4", "kmnist": "mlp-784x4",
                      "cifar10": "mlp-shallow", "imagenet": "conv7", "imagenet32": "conv7",
@@ -32,6 +32,12 @@ TASK_DEFAULT_ARCH = {"mnist": "mlp-784x4", "fashion-mnist": "mlp-784x4", "kmnist
 
 TARGET_RULES = ("tp", "itp", "gait-vanilla", "gait")
 DTP_RULES = ("dtp", "sdtp", "ldrl")
+
+
+def square_network(rule: str, square_net: bool = False) -> bool:
+    """Whether ``rule`` trains the square (invertible) version of an architecture: the target
+    rules invert every layer above the first; any rule does with ``--square-net``."""
+    return rule in TARGET_RULES or bool(square_net)
 
 
 def arch_family(arch: str) -> str:
@@ -181,7 +187,6 @@ class Config:
     allow_config_change: list | str | None = None
     distributed: str = "none"
     comm_timeout: float = 600.0
-    extra: dict = field(default_factory=dict)
 
     def resolved(self) -> "Config":
         """A copy with every None filled in from the task and the papers' presets."""
@@ -325,7 +330,7 @@ def config_changes(old: dict, new: dict) -> tuple[dict, dict]:
     result, neutral = {}, {}
     old = {**ADDED_LATER, **old} if old else old
     for k in sorted(set(old) | set(new)):
-        if k == "extra" or old.get(k) == new.get(k):
+        if k == "extra" or old.get(k) == new.get(k):      # 'extra': an empty field of older configurations
             continue
         change = [old.get(k), new.get(k)]
         grows = k == "epochs" and None not in change and change[1] > change[0] and new.get("lr_schedule") == "constant"

@@ -92,6 +92,19 @@ class BatchSlice:
         return dict(zip(keys, self.comm.allreduce_sum([d[k] for k in keys])))
 
 
+def replicas_differ(comm, arrays) -> list:
+    """The ranks whose ``arrays`` (their replica of the weights) differ from rank 0's, by a
+    SHA-256 of the bytes gathered from every rank; [] when all are identical."""
+    import hashlib
+
+    from .backend import to_numpy
+    h = hashlib.sha256()
+    for v in arrays:
+        h.update(to_numpy(v).tobytes())
+    digests = comm.allgather_object(h.hexdigest())
+    return [r for r, d in enumerate(digests) if d != digests[0]]
+
+
 # ---- MPI (and NCCL on GPUs) ------------------------------------------------------------------------------
 def import_mpi():
     """mpi4py's MPI module, or a clear error saying how to install it."""

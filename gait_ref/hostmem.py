@@ -5,12 +5,9 @@ activations, GEMM outputs: tens of MiB each). glibc's malloc gives requests abov
 mmap threshold (128 KiB, raised on the fly up to 32 MiB) fresh pages from the kernel and
 returns freed memory at the top of the heap to the kernel once more than its trim
 threshold is free there. A training step frees nearly everything it allocated, so each
-step gave its memory back and faulted it in again, zero-filled. Measured by
-``python bench/host_memory.py`` (fresh processes, 2 cores, float32; docs/BENCHMARKS.md):
-BP on conv7 at 64 px, batch 64, took 5,800-6,300 minor page faults and 24.0-25.5 ms a step
-on the ordinary network, 11,600 and 142-153 ms on the square one; with the settings below,
-none, 12.8-14.1 ms and 124-135 ms. GAIT-prop's steps, whose time is mostly GEMMs, change
-by 0-4%.
+step gave its memory back and faulted it in again, zero-filled: BP's conv7 step at 64 px
+took about 6,000 minor page faults, and half its time went to them (``python
+bench/host_memory.py``; the figures are in docs/BENCHMARKS.md).
 
 ``keep_freed_memory()`` sets glibc's trim threshold to 2 GiB and its mmap threshold to its
 largest allowed value, 32 MiB, so freed blocks stay in the process and the next step

@@ -16,11 +16,12 @@ fixed to 0.9 by the paper and is the default here.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
+
+from .runfolder import read_records
 
 SCREEN_EPOCHS = 12
 SCORE_EPOCHS = 5                      # "validation set accuracy across 5 consecutive training epochs"
@@ -63,11 +64,10 @@ def draw_configs(rule: str, n: int, seed: int = 2018) -> list[list]:
 def screen_score(run_dir: Path) -> float | None:
     """Mean validation error (%) over the run's last ``SCORE_EPOCHS`` epochs; None before
     the run has validation records."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
+    try:
+        vals = read_records(run_dir, "val")
+    except FileNotFoundError:
         return None
-    vals = [json.loads(line) for line in path.read_text().splitlines()]
-    vals = [r for r in vals if r["split"] == "val"]
     if not vals:
         return None
     last = vals[-SCORE_EPOCHS:]

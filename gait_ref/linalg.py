@@ -52,15 +52,12 @@ for orthogonal W (||W||_2 = 1, ||x|| = ||B||) the two are the same number. The p
 iteration's estimate never exceeds ||W||_2, so an inexact estimate only makes the test
 stricter.
 
-Measured (deep MLP, D = 1024, batch 256, GAIT-prop training step with the regulariser,
-2-core AMD EPYC, docs/BENCHMARKS.md): float32 271 ms refine with the renewal above
-against 316 ms with the earlier policy (X kept until three corrections no longer sufficed,
-one planned after a renewal: 0.15 recomputed steps per step, now none), and 283 ms refine
-against 318-337 ms lu in interleaved runs; float64 961 ms refine against 428 ms lu (the
-weights move about 3e-3 relative per step, so a one-step-old inverse needs five or more
-corrections to reach float64 round-off, each two GEMMs, more than an LU).
-``solver_for(dtype)`` therefore picks refine for float32 and lu for float64
-(``--inverse-solver auto``). ``python bench/perf.py --only solver`` prints the figures.
+In float32 a refined solve is cheaper than a fresh LU (the deep MLP's GP step: 283 ms
+against 318-337 ms); in float64 it is not (961 against 428 ms: the weights move about
+3e-3 relative per step, so a one-step-old inverse needs five or more corrections, each
+two GEMMs, to reach float64 round-off). ``solver_for(dtype)`` therefore picks refine for
+float32 and lu for float64 (``--inverse-solver auto``). ``python bench/perf.py --only
+solver`` prints the figures; docs/BENCHMARKS.md keeps their history.
 """
 from __future__ import annotations
 

@@ -86,9 +86,6 @@ class Network:
             x = y
         return tr
 
-    def predict(self, x):
-        return self.forward(x).output
-
     def live_channels(self, l: int) -> int | None:
         """How many leading channels (axis 1; units for a dense output) of layer l's output
         the layer above reads, when that is a whole number of channels and not all of them;
@@ -159,14 +156,3 @@ class Network:
     def invert_layer(self, l: int, y, tr: Trace, op):
         """g_l^-1(y) = (f^-1(y) - b_l) W_l^-1, auxiliary units from the forward pass (eq. 5)."""
         return self.layers[l].inverse(self.activations[l].inverse(y), tr.caches[l], op)
-
-    def invert(self, tr: Trace, y_top, ops=None):
-        """Apply every exact inverse top-down from an output y_top; returns the
-        reconstructed input of each layer, [x_0, ..., x_{L-1}] (x_l = input of layer l)."""
-        ops = self.inverse_operators(first=0) if ops is None else ops
-        out = [None] * len(self.layers)
-        y = y_top
-        for l in range(len(self.layers) - 1, -1, -1):
-            y = self.invert_layer(l, y, tr, ops[l])
-            out[l] = y
-        return out

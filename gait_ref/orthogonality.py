@@ -23,10 +23,8 @@ def _residual(W, form: str):
     'full': R = W W^T - I, gradient 4 R W; 'offdiag': R = W^T W * (J - I), gradient 4 W R."""
     xp = get_xp(W)
     if form == "full":
-        # numpy sends W @ W.T to BLAS's syrk (half the flops). Against a GEMM with a copy of
-        # W^T it depends on the machine: OpenBLAS's SkylakeX kernels ran syrk slower (12.5 ms
-        # against 8.9 ms), its Haswell kernels on a 2-core AMD EPYC faster (7.5-7.6 ms against
-        # 12.0-12.6 ms; float32, D = 1024, 2 threads, ``python bench/step_parts.py``)
+        # numpy sends W @ W.T to BLAS's syrk (half the flops); whether that beats a GEMM with
+        # a copy of W^T depends on the BLAS kernels (docs/BENCHMARKS.md, bench/step_parts.py)
         E = W @ W.T                                                 # (D, D)
         E[xp.diag_indices(E.shape[0])] -= 1                         # W W^T - I
         return E, lambda: E @ W

@@ -7,17 +7,17 @@ writes ``accuracy.png`` (test and train top-1 per epoch, one line per run) and
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
 
 def read_metrics(run_dir) -> list:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        raise click.UsageError(f"{path}: no metrics.jsonl (was the run started with --out?)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    from .runfolder import METRICS, read_records
+    try:
+        return read_records(run_dir)
+    except FileNotFoundError:
+        raise click.UsageError(f"{Path(run_dir) / METRICS}: no metrics.jsonl (was the run started with --out?)") from None
 
 
 def plot_runs(run_dirs, out_dir, labels=None):

@@ -57,6 +57,8 @@ from pathlib import Path
 
 import click
 
+from .runfolder import read_records
+
 ROOT = Path(__file__).resolve().parents[1]
 
 NEURIPS_EPOCHS = 2   # the paper trains 100; this machine has 2 CPU cores
@@ -225,10 +227,10 @@ def _complete(stopped_early: bool, epoch: int, step: int, args) -> bool:
 
 
 def finished(out: Path, args) -> bool:
-    path = out / "metrics.jsonl"
-    if not path.exists():
+    try:
+        recs = read_records(out)
+    except FileNotFoundError:
         return False
-    recs = [json.loads(l) for l in path.read_text().splitlines()]
     tests = [r for r in recs if r["split"] == "test"]
     stopped = any(r["split"] == "early_stop" for r in recs)
     return stopped or bool(tests) and _complete(False, tests[-1]["epoch"], tests[-1]["step"], args)
@@ -290,10 +292,10 @@ def run(table, quick, root, jobs, threads, only, quiet):
 
 
 def summarize(out: Path) -> dict | None:
-    path = out / "metrics.jsonl"
-    if not path.exists():
+    try:
+        recs = read_records(out)
+    except FileNotFoundError:
         return None
-    recs = [json.loads(l) for l in path.read_text().splitlines()]
     tests = [r for r in recs if r["split"] == "test"]
     trains = [r for r in recs if r["split"] == "train"]
     if not tests:

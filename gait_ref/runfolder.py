@@ -17,19 +17,28 @@ A run into a folder that holds a checkpoint needs ``--resume`` (continue) or
 ``--overwrite`` (start again, deleting it). A resume compares the checkpoint's
 configuration with the new one: options that change the result are refused, with the
 list of differences, unless ``--allow-config-change`` names them.
+
+Every rank holds a ``RunFolder``: rank 0 writes, and on a resume reads and checks the
+checkpoint, then tells the other ranks which file to read (or the error, so that every
+rank raises it). A run without ``--out`` holds a ``NoRunFolder``, which writes nothing.
+``read_records`` reads ``metrics.jsonl`` back; ``Position`` is what a checkpoint's meta
+says about where the run is.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
 import socket
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import load_latest, prev_path, save_checkpoint
+from .checkpoint import load_checkpoint, load_latest, prev_path, save_checkpoint
 from .config import allowed_changes, config_changes
+from .distributed import LOCAL
 
 try:
     import fcntl
@@ -37,33 +46,94 @@ except ImportError:  # pragma: no cover - not POSIX
     fcntl = None
 
 CHECKPOINT = "last.h5"
-RUN_FILES = ("metrics.jsonl", CHECKPOINT, "last.prev.h5", "last.h5.tmp", "config.json")   # a fresh run deletes these
+METRICS = "metrics.jsonl"
+RUN_FILES = (METRICS, CHECKPOINT, "last.prev.h5", "last.h5.tmp", "config.json")   # a fresh run deletes these
 
 
 class RunFolderError(ValueError):
     """The run folder cannot be used as asked (in use, holds a run, changed options...)."""
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def read_records(run_dir, split: str | None = None) -> list:
+    """The records of ``run_dir``'s metrics.jsonl (those of ``split`` only, if given), in
+    order; FileNotFoundError naming the file when there is none."""
+    with open(Path(run_dir) / METRICS) as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    return recs if split is None else [r for r in recs if r.get("split") == split]
+
+
+@dataclass
+class Position:
+    """Where a run is, as its checkpoint's meta says: steps done, the epoch and the batches
+    of it done, whether that epoch's end awaits its evaluation, and early stopping's best
+    validation top-1 so far."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    pending_eval: bool = False       # checkpointed at an epoch's end, before its evaluation
+    best_val: dict = field(default_factory=lambda: {"top1": -1.0, "epoch": -1})
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "Position":
+        return cls(meta["step"], meta["epoch"], meta["batch"], meta.get("pending_eval", False),
+                   meta.get("best_val", cls().best_val))
+
+    def meta(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class NoRunFolder:
+    """A run without ``--out``: nothing is written, locked or resumed."""
+
+    checkpoint = None
+
+    def acquire(self) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+    def start_fresh(self, overwrite: bool) -> None:
+        pass
+
+    def resume(self) -> tuple:
+        raise ValueError("--resume needs --out DIR (where the checkpoint is)")
+
+    def write_config(self, info: dict, changes: dict | None = None, step: int = 0) -> None:
+        pass
+
+    def log(self, record: dict) -> None:
+        pass
+
+    def save(self, params: dict, state: dict, meta: dict) -> None:
+        pass
 
 
 class RunFolder:
-    def __init__(self, path, quiet: bool = False):
+    """The run folder as every rank sees it: rank 0 writes, the others only read a
+    checkpoint rank 0 chose. ``config`` is this run's resolved configuration (checked
+    against a checkpoint's, and saved in each), ``allow`` its --allow-config-change."""
+
+    def __init__(self, path, comm=LOCAL, config: dict | None = None, allow=None, quiet: bool = False):
         self.path = Path(path)
+        self.comm, self.writes = comm, comm.is_root
+        self.config, self.allow = config or {}, allow
         self.quiet = quiet
         self._lock_fd = None
         self.metrics_lines = 0
 
+    @classmethod
+    def open(cls, path, comm=LOCAL, config: dict | None = None, allow=None, quiet: bool = False):
+        """The run folder of ``--out path``, or a ``NoRunFolder`` without one."""
+        return NoRunFolder() if not path else cls(path, comm, config, allow, quiet)
+
     # ---- ownership ------------------------------------------------------------------------------------
     def acquire(self) -> None:
-        """Create the folder and take its lock, or raise RunFolderError naming the owner."""
+        """Create the folder and take its lock, or raise RunFolderError naming the owner
+        (rank 0; the other ranks do not write here)."""
+        if not self.writes:
+            return
         if self.path.exists() and not self.path.is_dir():
             raise RunFolderError(f"--out {self.path}: exists and is not a folder")
         try:
@@ -119,19 +189,42 @@ class RunFolder:
 
     def start_fresh(self, overwrite: bool) -> None:
         """A new run here: refuse to replace a checkpoint unless ``overwrite``."""
-        if self.has_checkpoint() and not overwrite:
-            raise RunFolderError(f"--out {self.path} holds a checkpoint of an earlier run: continue it with --resume, "
-                                 "or start again with --overwrite (which deletes it)")
-        for name in RUN_FILES:
-            (self.path / name).unlink(missing_ok=True)
+        if self.writes:
+            if self.has_checkpoint() and not overwrite:
+                raise RunFolderError(f"--out {self.path} holds a checkpoint of an earlier run: continue it with "
+                                     "--resume, or start again with --overwrite (which deletes it)")
+            for name in RUN_FILES:
+                (self.path / name).unlink(missing_ok=True)
+        self.comm.barrier()
 
-    def load(self, new_config: dict, allow) -> tuple:
-        """(params, optimiser state, meta, config changes, file read) of the checkpoint to
-        resume from, after the configuration check. Falls back to last.prev.h5 with a warning."""
+    def resume(self) -> tuple:
+        """(params, optimiser state, meta, config changes) of the checkpoint to continue
+        from, on every rank. Rank 0 reads it (falling back to last.prev.h5 with a warning),
+        checks the configuration, keeps the metrics lines it covers and records allowed
+        changes, then broadcasts which file it read, or its error, which every rank raises."""
+        if self.writes:
+            try:
+                params, state, meta, changes, path = self._load()
+            except Exception as e:
+                self.comm.bcast_object(("error", str(e)))
+                raise
+            self.comm.bcast_object(("ok", str(path)))
+            self.truncate_metrics(meta["metrics_lines"])
+            if changes:
+                self.log({"epoch": meta["epoch"], "step": meta["step"], "split": "config_change", "changes": changes})
+        else:
+            status, what = self.comm.bcast_object(None)
+            if status == "error":
+                raise RunFolderError(what)
+            (params, state, meta), changes = load_checkpoint(what), {}
+        self.comm.barrier()
+        return params, state, meta, changes
+
+    def _load(self) -> tuple:
         if not self.has_checkpoint():
             raise RunFolderError(f"--resume: {self.path} holds no checkpoint (last.h5 or last.prev.h5) to resume from")
         params, state, meta, path = load_latest(self.checkpoint, warn=self._say)
-        changes = self.check_config(meta.get("config", {}), new_config, allow)
+        changes = self.check_config(meta.get("config", {}), self.config, self.allow)
         return params, state, meta, changes, path
 
     @staticmethod
@@ -151,6 +244,8 @@ class RunFolder:
     # ---- files ------------------------------------------------------------------------------------------------
     def write_config(self, info: dict, changes: dict | None = None, step: int = 0) -> None:
         """config.json (atomically), keeping the history of allowed changes."""
+        if not self.writes:
+            return
         path = self.path / "config.json"
         history = []
         if path.exists():
@@ -166,17 +261,24 @@ class RunFolder:
 
     def truncate_metrics(self, n_lines: int) -> None:
         """Keep the first ``n_lines`` of metrics.jsonl (what the checkpoint covers)."""
-        path = self.path / "metrics.jsonl"
+        path = self.path / METRICS
         lines = path.read_text().splitlines(keepends=True) if path.exists() else []
-        tmp = path.with_name("metrics.jsonl.tmp")
+        tmp = path.with_name(METRICS + ".tmp")
         tmp.write_text("".join(lines[:n_lines]))
         os.replace(tmp, path)
         self.metrics_lines = min(n_lines, len(lines))
 
     def log(self, record: dict) -> None:
-        with open(self.path / "metrics.jsonl", "a") as f:
+        if not self.writes:
+            return
+        with open(self.path / METRICS, "a") as f:
             f.write(json.dumps(record) + "\n")
         self.metrics_lines += 1
 
     def save(self, params: dict, state: dict, meta: dict) -> None:
-        save_checkpoint(self.checkpoint, params, state, {**meta, "metrics_lines": self.metrics_lines})
+        """A checkpoint (rank 0 writes it; every rank waits for it) with this run's
+        configuration and the number of metrics lines it covers."""
+        if self.writes:
+            save_checkpoint(self.checkpoint, params, state,
+                            {**meta, "config": self.config, "metrics_lines": self.metrics_lines})
+        self.comm.barrier()

@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .backend import get_xp, random_generator, read_scalars
+from .checkpoint import restore_params
 from .distributed import LOCAL, BatchSlice
 from .linalg import solve_amplifies_past
 from .metrics import compare_updates
@@ -100,6 +101,21 @@ class TrainStep:
     def parameters(self) -> dict:
         """Every trained array: the network's, then the learned feedback layers'."""
         return {**self.net.parameters(), **(self.rule.parameters() if self.learned_feedback else {})}
+
+    def state(self) -> tuple[dict, dict]:
+        """(the network's parameters, the optimiser's state with the rule's under ``rule/``:
+        learned feedback layers and their optimisers, kept inverses), as a checkpoint holds them."""
+        state = self.opt.state_dict()
+        if hasattr(self.rule, "state_dict"):
+            state.update({f"rule/{k}": v for k, v in self.rule.state_dict().items()})
+        return self.net.parameters(), state
+
+    def load(self, params: dict, state: dict, xp) -> None:
+        """Continue from ``state()``'s two dicts (as numpy arrays, from a checkpoint)."""
+        restore_params(self.net, params, xp)
+        self.opt.load_state_dict({k: v for k, v in state.items() if not k.startswith("rule/")}, xp)
+        if hasattr(self.rule, "load_state_dict"):
+            self.rule.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("rule/")}, xp)
 
     def __call__(self, x, y, *, step: int, epoch: int, n_total: int | None = None, start: int = 0,
                  measure: bool = False) -> StepResult:

@@ -25,6 +25,32 @@ import threading
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
 
 
+class StopFlag:
+    """A stop requested by a signal on this rank (``request``, the signal handler) and the
+    ranks' agreement on it (``agree``, once per step: every rank gets the same answer)."""
+
+    def __init__(self, comm):
+        self.comm = comm
+        self.requested = 0           # the signal this rank received (0: none)
+        self.agreed = 0              # the signal every rank agreed to stop on (0: none yet)
+
+    def request(self, signum: int) -> None:
+        self.requested = signum
+
+    def agree(self) -> bool:
+        """Whether any rank has been signalled to stop. The local flag is only read here: a
+        signal handled while the ranks agree (the handler runs when the all-reduce returns)
+        must not be overwritten by their answer, and counts at the next agreement."""
+        agreed = self.comm.max_int(self.requested)
+        if agreed:
+            self.agreed = agreed
+        return bool(agreed)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.agreed).name
+
+
 class StopRequested(Exception):
     """Training stopped on a signal after a completed step (checkpointed when it has a run
     folder). ``signum`` is the signal's number: the process's exit status is 128 + signum."""

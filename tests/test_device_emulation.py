@@ -9,7 +9,6 @@ previous step's finiteness checks; target rules in float32 read once more, their
 solves' residuals, and again for any recomputation) and exactly one host-to-device copy
 (the batch).
 """
-import json
 
 import numpy as np
 import pytest
@@ -17,6 +16,8 @@ import pytest
 from gait_ref import emulation as em
 from gait_ref.backend import BackendError, get_backend, smoke_test
 from gait_ref.config import Config
+from gait_ref.meter import TIMING_FIELDS
+from gait_ref.runfolder import read_records as records
 from gait_ref.train import Trainer
 
 from .helpers import make_shards
@@ -59,12 +60,8 @@ def traffic(cfg: Config, trainer_out=None):
     return per_step
 
 
-def records(out):
-    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 def strip(recs):
-    return [{k: v for k, v in r.items() if not k.endswith(("_time_s", "_wait_s", "_per_s"))} for r in recs]
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in recs]
 
 
 @pytest.mark.parametrize("arch,task,rule", CASES)

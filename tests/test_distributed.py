@@ -36,6 +36,7 @@ import pytest
 
 from gait_ref.checkpoint import load_checkpoint
 from gait_ref.config import Config
+from gait_ref.runfolder import read_records as records
 from gait_ref.train import Trainer
 
 from .helpers import make_shards
@@ -87,8 +88,6 @@ def mpirun(n, *args, timeout=600, **kw):
                           text=True, timeout=timeout, **kw)
 
 
-def records(out):
-    return [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")

@@ -217,14 +217,13 @@ def test_training_keeps_every_solve_below_the_bound(tmp_path):
     """GAIT-prop in float32 on real Fashion-MNIST images with the deep MLP's regulariser:
     every step's solves' backward errors (logged with --angles-every 1) meet the bound, while the kept
     inverses go stale and are corrected, and refreshed when needed."""
-    import json
-
     from gait_ref.config import Config
+    from gait_ref.runfolder import read_records
     from gait_ref.train import Trainer
     t = Trainer(Config(task="fashion-mnist", arch="mlp-shallow", rule="gait", batch_size=64, max_steps=40,
                        angles_every=1, eval_subset=100, quiet=True, out=str(tmp_path)))
     t.run()
-    recs = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    recs = read_records(tmp_path)
     res = [r["solve_residual"] for r in recs if "solve_residual" in r]
     assert len(res) == 40 and max(max(r.values()) for r in res) <= residual_bound(np.float32)
     st_ = t.rule.stats

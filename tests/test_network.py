@@ -83,9 +83,10 @@ def test_network_inverse_recovers_input(xp, depth, width, slope, seed):
         init_well_conditioned(layer, rng, xp)
     x = rand(rng, (4, width + 3), xp)
     tr = net.forward(x)
-    rec = net.invert(tr, tr.output)
-    for l in range(depth):
-        np.testing.assert_allclose(asnumpy(rec[l]), asnumpy(tr.xs[l]), rtol=1e-9, atol=1e-9)
+    ops, y = net.inverse_operators(first=0), tr.output
+    for l in reversed(range(depth)):             # every exact inverse, top down from the output
+        y = net.invert_layer(l, y, tr, ops[l])
+        np.testing.assert_allclose(asnumpy(y), asnumpy(tr.xs[l]), rtol=1e-9, atol=1e-9)
 
 
 def test_network_shape_mismatch_message():

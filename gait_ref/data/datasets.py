@@ -40,6 +40,20 @@ class MissingDataError(DataFormatError):
     pass
 
 
+class Subset:
+    """Images [lo, hi) of a data set (a view: ``read`` reads the set underneath)."""
+
+    def __init__(self, data, lo, hi):
+        self.data, self.lo, self.n = data, int(lo), int(hi) - int(lo)
+        self.in_shape, self.n_classes = data.in_shape, data.n_classes
+
+    def __len__(self):
+        return self.n
+
+    def read(self, idx):
+        return self.data.read(np.asarray(idx) + self.lo)
+
+
 @dataclass
 class TaskData:
     train: object

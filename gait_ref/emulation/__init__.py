@@ -57,11 +57,6 @@ def _count(key: str, n: int = 1) -> None:
         counters[key] += n
 
 
-def syncs() -> int:
-    """Device-to-host reads plus explicit synchronisations: the host waits for the device."""
-    return counters["d2h"] + counters["sync"]
-
-
 # ---- device arrays -----------------------------------------------------------------------------
 class MemoryPointer:
     """``a.data``: the device address (``ptr``) of an array's first element."""
