@@ -95,6 +95,8 @@ def _read_config_file(path: str) -> dict:
 @click.option("--dtp-alpha", type=float, help="DTP: step size of the penultimate target.")
 @click.option("--sdtp-step", type=float, help="SDTP: top target p + s (onehot - p); 1 (default, "
               "the paper) is the label itself, s < 1 a control.")
+@click.option("--linear-top-inverse", is_flag=True, default=None,
+              help="dtp/sdtp/ldrl: a control: the top feedback layer without its nonlinearity, g(u) = T_V u + c.")
 @click.option("--dtp-sigma", type=PerLayer(float),
               help="dtp/sdtp/ldrl: noise std for feedback training; one value or one per feedback layer.")
 @click.option("--feedback-lr", type=PerLayer(float),

@@ -164,7 +164,7 @@ def build_step(cfg: Config, in_shape, n_classes: int, xp=np, comm=LOCAL) -> Trai
     dtp = dict(alpha=cfg.dtp_alpha, beta=cfg.ldrl_beta, sigma=cfg.dtp_sigma, inverse_loss=cfg.inverse_loss,
                feedback_lr=cfg.feedback_lr, feedback_adam=(cfg.feedback_adam_beta2, cfg.feedback_adam_eps),
                ldrl_iters=cfg.ldrl_iters, feedback_form=cfg.feedback_form, sdtp_step=cfg.sdtp_step,
-               reduction=cfg.reduction)
+               reduction=cfg.reduction, linear_top=cfg.linear_top_inverse)
     rule = make_rule(cfg.rule, net, seed=cfg.seed, gamma=cfg.gamma, form=cfg.target_form, norm=cfg.gamma_norm,
                      sqrt_dim=cfg.gamma_sqrt_dim, feedback_init=cfg.feedback_init, n_classes=n_classes,
                      dtp_options=dtp, inverse_solver=cfg.inverse_solver)

@@ -159,6 +159,7 @@ class Config:
     feedback_form: str | None = None
     dtp_alpha: float | None = None
     sdtp_step: float | None = None
+    linear_top_inverse: bool = False
     dtp_sigma: float | list | None = None
     feedback_lr: float | list | None = None
     feedback_adam_beta2: float | None = None
@@ -285,6 +286,7 @@ OPTION_RULES = {
     "feedback_form": _choice("bartunov", "ernoult"),
     "dtp_alpha": _positive(),
     "sdtp_step": (float, lambda v: 0 < v <= 1, "in (0, 1]"),
+    "linear_top_inverse": (bool, lambda v: True, "true or false"),
     "dtp_sigma": _at_least(0.0, float),
     "feedback_lr": _positive(),
     "feedback_adam_beta2": _unit(),
@@ -322,7 +324,7 @@ RESULT_NEUTRAL = {"quiet", "log_every", "max_steps", "checkpoint_every", "angles
 
 # Options added after checkpoints were written: a configuration without the key ran with
 # this value, so resuming it with that value is no change.
-ADDED_LATER = {"feedback_adam_beta2": 0.999, "feedback_adam_eps": 1e-8, "sdtp_step": 1.0}
+ADDED_LATER = {"feedback_adam_beta2": 0.999, "feedback_adam_eps": 1e-8, "sdtp_step": 1.0, "linear_top_inverse": False}
 
 
 def config_changes(old: dict, new: dict) -> tuple[dict, dict]:

@@ -126,6 +126,8 @@ def table_runs(table: str, quick: bool, root: Path) -> dict:
         # early stopping (100 epochs; the test error is still read at the best validation epoch)
         for rule in ("bp", "dtp"):
             runs[f"fc-{rule}-patience100"] = fc(rule, 0, patience=100)
+        for seed in (1, 2):                     # DTP to convergence on three seeds, like with like
+            runs[f"fc-dtp-patience100-seed{seed}"] = fc("dtp", seed, patience=100)
         # the paper's alternating rows: inverses and forward weights in alternate epochs, so
         # twice the epochs and twice the patience (half the epochs leave the forward net as it was)
         for rule in ("dtp", "sdtp"):
@@ -137,6 +139,15 @@ def table_runs(table: str, quick: bool, root: Path) -> dict:
         # separates the size of the jump through the learned 10 -> 240 inverse from its direction
         for step in (1, 0.1, 0.01):
             runs[f"fc-sdtp-step{step}"] = fc("sdtp", 0) + ["--sdtp-step", step, "--angles-every", 500]
+        # controls for what the step changes (the measuring steps log each sample's jump
+        # ||t - y|| at the top and bottom hidden layers, split by correct and wrong images):
+        # a linear top inverse, with which the top layers' updates do not depend on the step;
+        # and DTP's gradient step alpha up to a jump as large as SDTP's
+        for step in (1, 0.1):
+            runs[f"fc-sdtp-lineartop-step{step}"] = fc("sdtp", 0) + ["--linear-top-inverse", "--sdtp-step", step,
+                                                                    "--angles-every", 500]
+        for alpha in (0.1, 0.5, 2.5):
+            runs[f"fc-dtp-alpha{alpha}"] = fc("dtp", 0) + ["--dtp-alpha", alpha, "--angles-every", 500]
         # the locally connected network of the same table (paper: BP 1.46, DTP 1.48, SDTP 1.49)
         for rule in ("bp", "dtp", "fa", "sdtp", "ldrl"):
             runs[f"lc-{rule}"] = fc(rule, 0, arch="bartunov-lc")

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .backend import get_xp, random_generator, read_scalars
+import numpy as np
+
+from .backend import get_xp, random_generator, read_scalars, to_numpy
 from .checkpoint import restore_params
 from .distributed import LOCAL, BatchSlice
 from .linalg import solve_amplifies_past
@@ -38,6 +40,21 @@ def topk_correct(logits, labels, k: int):
     k = min(k, logits.shape[1])
     top = xp.argpartition(-logits, kth=k - 1, axis=1)[:, :k]                 # (N, k)
     return (top == labels[:, None]).any(axis=1).sum()
+
+
+def target_jumps(jump: dict, batch: BatchSlice) -> dict:
+    """Per layer, the median jump ||t_l - y_l|| over the global batch's correctly classified
+    samples and over the others (None where there are none), from the rule's per-sample
+    ``target_jump`` (``correct``: the samples' mask). Measuring steps only: it reads the
+    samples' values and gathers them from every process."""
+    mine = {k: to_numpy(v) for k, v in jump.items()}
+    gathered = batch.comm.allgather_object(mine)
+    every = {k: np.concatenate([part[k] for part in gathered]) for k in mine}
+    correct = every.pop("correct").astype(bool)
+
+    def median(v):
+        return float(np.median(v)) if len(v) else None
+    return {name: {"correct": median(v[correct]), "wrong": median(v[~correct])} for name, v in every.items()}
 
 
 @dataclass
@@ -176,6 +193,8 @@ class TrainStep:
         measured = self._measure(tr, grads, bp_grads, summed[len(keys) + len(stats):], keys, batch) if measure else {}
         if measure and "solve_residual" in info:
             measured["solve_residual"] = info["solve_residual"]
+        if measure and "target_jump" in info:
+            measured["target_jump"] = target_jumps(info["target_jump"], batch)
 
         if train_forward:
             # lazy regularisation (--ortho-every K): the penalty's gradient at steps K, 2K, ...

@@ -239,3 +239,43 @@ def test_sdtp_step_is_a_partial_step_toward_the_label(xp):
     assert not np.allclose(t[0.25][0], t[1.0][0])          # the lower targets follow from it
     with pytest.raises(ValueError, match=r"--sdtp-step must be in \(0, 1\], got 1.5"):
         make_rule("sdtp", net, n_classes=4, dtp_options={"sdtp_step": 1.5})
+
+
+def test_a_linear_top_inverse_makes_sdtps_top_updates_independent_of_the_step(xp):
+    """--linear-top-inverse (a control): with g_L(u) = u V^T + c the penultimate target moves
+    by s (onehot - p) V^T, and its update, divided by s, is the same at every step s: the
+    top hidden and output layers' updates do not depend on the step. With Bartunov's
+    nonlinear top inverse they do. The lower layers' targets still follow the step."""
+    net = dense_net(xp)
+    tr, gy, y = batch(net, xp)
+    L = len(net)
+
+    def updates(linear, s):
+        rule = make_rule("sdtp", net, n_classes=4, dtp_options={"sdtp_step": s, "linear_top": linear})
+        return [{k: asnumpy(v) for k, v in g.items()} for g in rule.compute(tr, gy, y)[0]]
+    for linear in (True, False):
+        a, b = updates(linear, 1.0), updates(linear, 0.1)
+        same = [all(np.allclose(a[l][k], b[l][k], rtol=1e-9, atol=1e-12) for k in a[l]) for l in range(L)]
+        assert same[L - 1]                                            # the output layer: the task loss
+        assert same[L - 2] == linear, linear
+        assert not same[0]
+    rule = make_rule("sdtp", net, n_classes=4, dtp_options={"linear_top": True})
+    top = rule.fb[L - 1]
+    u = tr.ys[-1]
+    np.testing.assert_allclose(asnumpy(top.forward(u)[0]), asnumpy(u @ top.params["V"].T + top.params["c"]), rtol=1e-12)
+
+
+def test_target_jumps_are_split_by_correct_and_wrong_samples_over_every_process():
+    """The measuring step's medians of ||t_l - y_l|| over the global batch (both processes'
+    samples), apart for correctly and wrongly classified ones; None where there are none."""
+    from gait_ref.distributed import BatchSlice
+    from gait_ref.step import target_jumps
+
+    class TwoRanks:
+        def allgather_object(self, mine):
+            return [mine, {"fc1": np.array([5.0, 7.0]), "correct": np.array([False, False])}]
+    jump = {"fc1": np.array([1.0, 2.0, 9.0]), "correct": np.array([True, True, False])}
+    got = target_jumps(jump, BatchSlice(5, 0, TwoRanks()))
+    assert got == {"fc1": {"correct": 1.5, "wrong": 7.0}}
+    assert target_jumps({"fc1": np.array([1.0]), "correct": np.array([True])}, BatchSlice(1)) == \
+        {"fc1": {"correct": 1.0, "wrong": None}}

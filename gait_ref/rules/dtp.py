@@ -82,7 +82,7 @@ class DifferenceTargetProp:
                  beta: float = 0.1, sigma=0.1, inverse_loss: str = "denoising", feedback_lr=1e-4,
                  ldrl_iters=5, feedback_momentum: float = 0.9, feedback_adam=(0.999, 1e-8),
                  sdtp_step: float = 1.0, feedback_form: str = "bartunov",
-                 reduction: str = "mean"):
+                 reduction: str = "mean", linear_top: bool = False):
         if mode not in MODES:
             raise ValueError(f"unknown DTP mode {mode!r}; choose one of {MODES}")
         if inverse_loss not in INVERSE_LOSSES:
@@ -117,7 +117,9 @@ class DifferenceTargetProp:
         self.fb = [None] * L
         self.opts = [None] * L
         for i, l in enumerate(self.layers_with_feedback):
-            self.fb[l] = Feedback.of(net, l, feedback_form)
+            # a control (--linear-top-inverse): the top feedback layer without its nonlinearity, g(u) = T_V u + c
+            linear = linear_top and l == self.layers_with_feedback[-1]
+            self.fb[l] = Feedback(net.layers[l]) if linear else Feedback.of(net, l, feedback_form)
             self.fb[l].init(rng, xp, dtype)
             self.opts[l] = (SGD(lr=self.lrs[i], momentum=feedback_momentum) if mode == "ldrl"
                             else Adam(lr=self.lrs[i], beta2=feedback_adam[0], eps=feedback_adam[1],
@@ -166,7 +168,10 @@ class DifferenceTargetProp:
 
     def compute(self, tr, gy, labels=None, batch: BatchSlice | None = None):
         """Per-layer updates (this process's rows; summed over processes by the caller) and
-        info (mean target distance per layer, 0-d device arrays)."""
+        info: the mean target distance per layer (0-d device arrays) and, with ``labels``,
+        ``target_jump``: each sample's jump ||t_l - y_l|| at the top and bottom hidden layers
+        and whether the network classifies it correctly ((N,) device arrays; the training
+        step reports their medians on measuring steps)."""
         net, L = self.net, len(self.net)
         xp = get_xp(gy)
         batch = BatchSlice.whole(gy.shape[0]) if batch is None else batch
@@ -175,12 +180,18 @@ class DifferenceTargetProp:
         scale = gy.dtype.type((1.0 / batch.n_total if self.reduction == "mean" else 1.0) / step)
         grads = [None] * L
         grads[-1] = net.layers[-1].param_grads(gy * net.activations[-1].deriv(tr.hs[-1]), tr.caches[-1])
-        dist = [0.0] * L
+        dist, jump = [0.0] * L, {}
         for l in range(L - 1):
             d = tr.ys[l] - t[l]
             grads[l] = net.layers[l].param_grads(d * net.activations[l].deriv(tr.hs[l]) * scale, tr.caches[l])
-            dist[l] = xp.sqrt(_sq_norm_per_sample(d)).mean()
-        return grads, {"target_distance": dist}
+            per_sample = xp.sqrt(_sq_norm_per_sample(d))
+            dist[l] = per_sample.mean()
+            if l in (0, L - 2):
+                jump[net.layers[l].name] = per_sample
+        info = {"target_distance": dist}
+        if labels is not None:
+            info["target_jump"] = {**jump, "correct": tr.ys[-1][:, :self.K].argmax(axis=1) == labels}
+        return grads, info
 
     # ---- feedback training -----------------------------------------------------------------------
     def _forward_layer(self, l, x):
