@@ -125,6 +125,9 @@ def _read_config_file(path: str) -> dict:
               help="Continue from OUT/last.h5 (or OUT/last.prev.h5 if last.h5 is damaged).")
 @click.option("--overwrite", is_flag=True, default=None,
               help="Start again in an OUT that holds a checkpoint, deleting it.")
+@click.option("--force-unlock", is_flag=True, default=None,
+              help="Take over OUT's lock although its record names a live run or another host (after checking "
+                   "that run has ended: its lock may be invisible from here, e.g. another mount of the folder).")
 @click.option("--allow-config-change", help="--resume: accept these changed options that alter the result "
               "(comma-separated, e.g. lr,batch-size); recorded in metrics.jsonl and config.json.")
 @click.option("--angles-every", type=click.IntRange(min=0), help="Measure angles to BP every N steps.")

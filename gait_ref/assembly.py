@@ -106,7 +106,7 @@ def assemble(cfg: Config, comm=LOCAL) -> Run:
     xp = comm.bind(get_backend(cfg.backend), run_dir=cfg.out)
     data = load_data(cfg, xp, comm)
     step = build_step(cfg, data.in_shape, data.n_classes, xp, comm)
-    folder = RunFolder.open(cfg.out, comm, cfg.to_dict(), cfg.allow_config_change, cfg.quiet)
+    folder = RunFolder.open(cfg.out, comm, cfg.to_dict(), cfg.allow_config_change, cfg.quiet, cfg.force_unlock)
     plan = LoopPlan.of(cfg, data.source, data.train_loader.batches_per_epoch(), comm.size)
     return Run(xp, data, step, folder, plan, describe(cfg, comm, xp, data, step.net),
                lambda: verify_shards(cfg, comm, data))

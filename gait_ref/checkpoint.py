@@ -4,7 +4,9 @@ A checkpoint holds every parameter, the optimiser and learned-feedback state, th
 step/epoch/batch position of the data order, and how many metrics lines it covers
 (lines written after it are dropped on resume, so a resumed run writes exactly what an
 uninterrupted one would). Every dataset carries the SHA-256 of its bytes (attribute
-``sha256``) and the metadata its own; ``load_checkpoint`` verifies them all.
+``sha256``) and the metadata its own; the metadata also lists every dataset's name with
+its digest (format 3), so a damaged name, a missing or an extra dataset is caught too.
+``load_checkpoint`` verifies them all.
 
 Saving (``save_checkpoint``) keeps a complete checkpoint under a name ``--resume`` reads
 at every instant, whenever the process is killed:
@@ -14,8 +16,11 @@ at every instant, whenever the process is killed:
        name; a copy where the file system has no hard links);
     3. rename last.h5.tmp over last.h5 and fsync the folder.
 
-``load_latest`` reads last.h5 and falls back to last.prev.h5, with a warning, when
-last.h5 is missing, incomplete or fails a checksum.
+``load_latest`` reads last.h5 and falls back, with a warning, to last.h5.tmp (complete
+and checksum-clean: a save killed before its rename) and then to last.prev.h5, when
+last.h5 is missing, incomplete, fails a checksum or cannot be restored into the run
+(``accept``). A damaged last.h5 is renamed aside (last.h5.corrupt) once another file
+was taken, so that the next save does not keep it as last.prev.h5.
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ import numpy as np
 from .backend import to_device, to_numpy
 from .data.idx import DataFormatError
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3      # 2: per-dataset checksums; 3: the meta lists every dataset with its digest
 
 
 class CheckpointError(DataFormatError):
@@ -63,15 +68,18 @@ def prev_path(path: Path) -> Path:
 
 def save_checkpoint(path, params: dict, opt_state: dict, meta: dict) -> None:
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    meta_json = json.dumps({**meta, "format_version": FORMAT_VERSION})
+    tmp = tmp_path(path)
+    arrays = {(group, k): to_numpy(v) for group, items in (("params", params), ("optimizer", opt_state))
+              for k, v in items.items()}
+    digests = {(group, k): _digest(a) for (group, k), a in arrays.items()}
+    meta_json = json.dumps({**meta, "format_version": FORMAT_VERSION,
+                            "datasets": {f"{g}/{k}": d for (g, k), d in sorted(digests.items())}})
     with h5py.File(tmp, "w") as f:
-        for group, items in (("params", params), ("optimizer", opt_state)):
-            g = f.create_group(group)
-            for k, v in items.items():     # 'm/fc1.W' would make nested groups: escape '/'
-                arr = to_numpy(v)
-                d = g.create_dataset(k.replace("/", "::"), data=arr)
-                d.attrs["sha256"] = _digest(arr)
+        for group in ("params", "optimizer"):
+            f.create_group(group)
+        for (group, k), arr in arrays.items():   # 'm/fc1.W' would make nested groups: escape '/'
+            d = f[group].create_dataset(k.replace("/", "::"), data=arr)
+            d.attrs["sha256"] = digests[(group, k)]
         f.attrs["meta"] = meta_json
         f.attrs["meta_sha256"] = hashlib.sha256(meta_json.encode()).hexdigest()
         f.attrs["complete"] = True
@@ -108,16 +116,25 @@ def load_checkpoint(path):
                 raise CheckpointError(f"{path}: checksum mismatch in the metadata (corrupt)")
             meta = json.loads(meta_json)
             checked = meta.get("format_version", 1) >= 2
+            listed = meta.get("datasets") if meta.get("format_version", 1) >= 3 else None
             out = {}
             for group in ("params", "optimizer"):
                 out[group] = {}
                 for k in f[group]:
                     d = f[group][k]
                     v = d[()]
-                    if checked and d.attrs.get("sha256") != _digest(np.asarray(v)):
-                        raise CheckpointError(f"{path}: checksum mismatch in dataset {group}/{k.replace('::', '/')} "
-                                              "(corrupt)")
+                    name = f"{group}/{k.replace('::', '/')}"
+                    digest = _digest(np.asarray(v)) if checked else None
+                    if checked and d.attrs.get("sha256") != digest:
+                        raise CheckpointError(f"{path}: checksum mismatch in dataset {name} (corrupt)")
+                    if listed is not None and listed.get(name) != digest:
+                        raise CheckpointError(f"{path}: dataset {name} is not the one its metadata lists "
+                                              "(a damaged name or content)")
                     out[group][k.replace("::", "/")] = v
+            if listed is not None:
+                missing = sorted(set(listed) - {f"{g}/{k}" for g in out for k in out[g]})
+                if missing:
+                    raise CheckpointError(f"{path}: datasets {missing[:4]} listed in its metadata are missing (corrupt)")
     except CheckpointError:
         raise
     except (OSError, KeyError, ValueError, TypeError) as e:
@@ -126,29 +143,51 @@ def load_checkpoint(path):
     return out["params"], opt, meta
 
 
-def load_latest(path, warn=None):
-    """``load_checkpoint(path)``, else the previous checkpoint beside it with a warning.
-    Returns (params, optimiser state, meta, the file read)."""
+def tmp_path(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
+
+
+def load_latest(path, warn=None, accept=None):
+    """The newest usable checkpoint of ``path``, its in-progress save and its previous one,
+    in that order: (params, optimiser state, meta, the file read). A file is usable when
+    ``load_checkpoint`` verifies it and ``accept(params, state, meta)`` (if given) raises no
+    CheckpointError; each file passed over is named in a warning. When a file other than
+    ``path`` is taken, a damaged ``path`` is renamed aside to ``<name>.corrupt``, so that the
+    next save does not keep it as the previous checkpoint."""
     path = Path(path)
     warn = warn or (lambda m: print(m, file=sys.stderr, flush=True))
-    try:
-        return (*load_checkpoint(path), path)
-    except CheckpointError as first:
-        prev = prev_path(path)
-        if not prev.exists():
-            raise
-        warn(f"warning: {first}; resuming from the previous checkpoint {prev.name} instead")
+    errors = []
+    for candidate in (path, tmp_path(path), prev_path(path)):
+        if candidate != path and not candidate.exists():
+            continue
         try:
-            return (*load_checkpoint(prev), prev)
-        except CheckpointError as second:
-            raise CheckpointError(f"no usable checkpoint: {first}; and {second}") from None
+            loaded = load_checkpoint(candidate)
+        except CheckpointError as e:
+            errors.append(e)
+            continue
+        try:
+            if accept is not None:
+                accept(*loaded)
+        except CheckpointError as e:
+            errors.append(CheckpointError(f"{candidate}: {e}"))
+            continue
+        if errors:
+            what = "the previous checkpoint" if candidate == prev_path(path) else "the complete save left by an interruption"
+            warn(f"warning: {'; '.join(map(str, errors))}; resuming from {what} {candidate.name} instead")
+            if candidate != path and path.exists():
+                os.replace(path, path.with_name(path.name + ".corrupt"))
+        return (*loaded, candidate)
+    if len(errors) == 1:
+        raise errors[0]
+    raise CheckpointError("no usable checkpoint: " + "; and ".join(map(str, errors)))
 
 
 def restore_params(net, params: dict, xp) -> None:
     live = net.parameters()
-    missing = sorted(set(live) - set(params))
-    if missing:
-        raise CheckpointError(f"checkpoint lacks parameters {missing[:4]}: another architecture?")
+    missing, extra = sorted(set(live) - set(params)), sorted(set(params) - set(live))
+    if missing or extra:
+        raise CheckpointError(f"checkpoint lacks parameters {missing[:4]} and has others {extra[:4]}: another "
+                              "architecture, or a damaged name?")
     for layer in net.layers:
         for k in layer.params:
             v = params[f"{layer.name}.{k}"]

@@ -185,6 +185,7 @@ class Config:
     loader_workers: int = 0
     in_memory: str | None = None
     overwrite: bool = False
+    force_unlock: bool = False
     allow_config_change: list | str | None = None
     distributed: str = "none"
     comm_timeout: float = 600.0
@@ -310,6 +311,7 @@ OPTION_RULES = {
     "loader_workers": _at_least(0),
     "in_memory": _choice("host", "device"),
     "overwrite": (bool, lambda v: True, "true or false"),
+    "force_unlock": (bool, lambda v: True, "true or false"),
     "distributed": _choice("none", "mpi"),
     "comm_timeout": _positive(),
 }
@@ -318,7 +320,7 @@ PER_LAYER = ("dtp_sigma", "feedback_lr", "ldrl_iters")
 # Options that do not change what a run computes: a resumed run may change them freely.
 # (epochs may grow too, unless the learning rate schedule depends on it: see config_changes.)
 RESULT_NEUTRAL = {"quiet", "log_every", "max_steps", "checkpoint_every", "angles_every", "cond_every", "out",
-                  "resume", "overwrite", "allow_config_change", "data", "loader_workers", "in_memory",
+                  "resume", "overwrite", "force_unlock", "allow_config_change", "data", "loader_workers", "in_memory",
                   "comm_timeout", "distributed"}
 
 

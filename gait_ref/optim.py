@@ -35,6 +35,15 @@ def _blocks(xp, p, g, *state):
         yield tuple(a[i:i + CPU_BLOCK] for a in flat)
 
 
+def check_state_keys(kind: str, state: dict, expected: set) -> None:
+    """ValueError naming the keys a saved optimiser state lacks or has beyond ``expected``."""
+    missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or extra:
+        raise ValueError(f"{kind} state does not fit the parameters: "
+                         + "; ".join(f"{what} {keys[:4]}" + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+                                     for what, keys in (("missing", missing), ("unexpected", extra)) if keys))
+
+
 class Adam:
     """Adam (Kingma & Ba 2014) with bias correction.
 
@@ -103,7 +112,12 @@ class Adam:
             state[f"v/{name}"] = to_numpy(self.v[name])
         return state
 
-    def load_state_dict(self, state: dict, xp) -> None:
+    def load_state_dict(self, state: dict, xp, names=None) -> None:
+        """Continue from ``state_dict()``; with ``names`` (the parameters it steps), a state
+        that lacks a moment of one of them, or holds anything else, is refused."""
+        if names is not None:
+            stepped = int(state.get("t", 0)) > 0
+            check_state_keys("Adam", state, {"t"} | ({f"{w}/{n}" for n in names for w in "mv"} if stepped else set()))
         self.t = int(state["t"])
         self.m = {k[2:]: to_device(v, xp) for k, v in state.items() if k.startswith("m/")}
         self.v = {k[2:]: to_device(v, xp) for k, v in state.items() if k.startswith("v/")}
@@ -139,6 +153,11 @@ class SGD:
         state.update({f"u/{k}": to_numpy(v) for k, v in self.u.items()})
         return state
 
-    def load_state_dict(self, state: dict, xp) -> None:
+    def load_state_dict(self, state: dict, xp, names=None) -> None:
+        """Continue from ``state_dict()``; with ``names``, a state that lacks the momentum of
+        one of them (or holds anything else) is refused."""
+        if names is not None:
+            stepped = int(state.get("t", 0)) > 0 and self.momentum
+            check_state_keys("SGD", state, {"t"} | ({f"u/{n}" for n in names} if stepped else set()))
         self.t = int(state["t"])
         self.u = {k[2:]: to_device(v, xp) for k, v in state.items() if k.startswith("u/")}

@@ -3,6 +3,12 @@
     .lock              held (a POSIX lock on the open file) by the one process writing
                        here; holds its pid, host and start time. The kernel releases it
                        when the process dies, so a stale lock is taken over, with a message.
+                       A lock that this process can take while its record names a live
+                       process on this host or any process on another host is refused
+                       (``--force-unlock`` takes it over): the owner's POSIX lock is not
+                       visible from here (a second mount, a file system without shared
+                       locks, a .lock deleted by hand). The owner checks before each
+                       write that .lock is still the file it locked, and stops if not.
     config.json        the resolved configuration, versions, backend, BLAS threads and the
                        network; on a resume with ``--allow-config-change``, a ``history``
                        of what changed at which step
@@ -31,14 +37,15 @@ import errno
 import json
 import os
 import socket
+import stat
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import load_checkpoint, load_latest, prev_path, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, load_latest, prev_path, save_checkpoint, tmp_path
 from .config import allowed_changes, config_changes
-from .distributed import LOCAL
+from .distributed import LOCAL, process_gone
 
 try:
     import fcntl
@@ -47,7 +54,7 @@ except ImportError:  # pragma: no cover - not POSIX
 
 CHECKPOINT = "last.h5"
 METRICS = "metrics.jsonl"
-RUN_FILES = (METRICS, CHECKPOINT, "last.prev.h5", "last.h5.tmp", "config.json")   # a fresh run deletes these
+RUN_FILES = (METRICS, CHECKPOINT, "last.prev.h5", "last.h5.tmp", "last.h5.corrupt", "config.json")   # a fresh run deletes these
 
 
 class RunFolderError(ValueError):
@@ -97,7 +104,7 @@ class NoRunFolder:
     def start_fresh(self, overwrite: bool) -> None:
         pass
 
-    def resume(self) -> tuple:
+    def resume(self, restore) -> tuple:
         raise ValueError("--resume needs --out DIR (where the checkpoint is)")
 
     def write_config(self, info: dict, changes: dict | None = None, step: int = 0) -> None:
@@ -115,18 +122,20 @@ class RunFolder:
     checkpoint rank 0 chose. ``config`` is this run's resolved configuration (checked
     against a checkpoint's, and saved in each), ``allow`` its --allow-config-change."""
 
-    def __init__(self, path, comm=LOCAL, config: dict | None = None, allow=None, quiet: bool = False):
+    def __init__(self, path, comm=LOCAL, config: dict | None = None, allow=None, quiet: bool = False,
+                 force_unlock: bool = False):
         self.path = Path(path)
         self.comm, self.writes = comm, comm.is_root
         self.config, self.allow = config or {}, allow
-        self.quiet = quiet
-        self._lock_fd = None
+        self.quiet, self.force_unlock = quiet, force_unlock
+        self._lock_fd = self._lock_id = None
         self.metrics_lines = 0
 
     @classmethod
-    def open(cls, path, comm=LOCAL, config: dict | None = None, allow=None, quiet: bool = False):
+    def open(cls, path, comm=LOCAL, config: dict | None = None, allow=None, quiet: bool = False,
+             force_unlock: bool = False):
         """The run folder of ``--out path``, or a ``NoRunFolder`` without one."""
-        return NoRunFolder() if not path else cls(path, comm, config, allow, quiet)
+        return NoRunFolder() if not path else cls(path, comm, config, allow, quiet, force_unlock)
 
     # ---- ownership ------------------------------------------------------------------------------------
     def acquire(self) -> None:
@@ -136,11 +145,20 @@ class RunFolder:
             return
         if self.path.exists() and not self.path.is_dir():
             raise RunFolderError(f"--out {self.path}: exists and is not a folder")
+        lock = self.path / ".lock"
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as e:
+            if e.errno in (errno.ELOOP, errno.EISDIR):
+                raise RunFolderError(f"--out {self.path}: {lock} is not a regular file (a link or a folder); the run "
+                                     "folder's lock must be a plain file: remove it") from None
             raise RunFolderError(f"--out {self.path}: cannot write there ({e.strerror or e})") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise RunFolderError(f"--out {self.path}: {lock} is not a regular file; the run folder's lock must be a "
+                                 "plain file: remove it")
         owner = self._read_owner(fd)
         if fcntl is not None:
             try:
@@ -153,14 +171,53 @@ class RunFolder:
                                          "to finish or choose another folder") from None
                 raise RunFolderError(f"--out {self.path}: cannot lock {self.path / '.lock'} ({e.strerror})") from None
         if owner.get("pid") and not (owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname()):
-            self._say(f"taking over the stale lock of pid {owner['pid']} on {owner.get('host', '?')} "
-                      f"(started {owner.get('started', '?')}; it is no longer running)")
+            try:
+                self._take_over(owner)
+            except RunFolderError:
+                os.close(fd)
+                raise
         record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                              "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode()
         os.ftruncate(fd, 0)
         os.pwrite(fd, record, 0)
         os.fsync(fd)
-        self._lock_fd = fd
+        self._lock_fd, self._lock_id = fd, (st.st_dev, st.st_ino)
+
+    def _take_over(self, owner: dict) -> None:
+        """Take over the lock record of a run whose POSIX lock this process did not meet: a
+        dead process on this host (a stale lock, with a message); a live one, or one on
+        another host, only with --force-unlock (RunFolderError otherwise)."""
+        holder = f"pid {owner['pid']} on {owner.get('host', '?')} (started {owner.get('started', '?')})"
+        elsewhere = owner.get("host") != socket.gethostname()
+        try:
+            gone = not elsewhere and process_gone(int(owner["pid"]))
+        except (TypeError, ValueError):
+            gone = False
+        if gone:
+            self._say(f"taking over the stale lock of {holder}; it is no longer running")
+            return
+        if not self.force_unlock:
+            why = "another host" if elsewhere else "this host, where that process is running"
+            raise RunFolderError(f"--out {self.path}: its .lock names {holder}, on {why}, yet its lock was free "
+                                 "here: that run's lock is not visible from this process (another mount of the folder, "
+                                 "a network file system without shared locks, or a .lock deleted by hand). Wait for "
+                                 "that run to end; if it has ended, start again with --force-unlock")
+        self._say(f"--force-unlock: taking over the lock of {holder}")
+
+    def check_lock(self) -> None:
+        """RunFolderError unless .lock is still the file this process locked: deleted or
+        replaced, it no longer keeps another run out, so this run writes nothing more."""
+        if self._lock_id is None:
+            return
+        try:
+            st = os.stat(self.path / ".lock", follow_symlinks=False)
+            same = (st.st_dev, st.st_ino) == self._lock_id
+        except FileNotFoundError:
+            same = False
+        if not same:
+            raise RunFolderError(f"--out {self.path}: its .lock was deleted or replaced while this run held it, so "
+                                 "another run may be writing here; this run stops without writing (its last "
+                                 "checkpoint stands). Check the folder, then continue with --resume")
 
     @staticmethod
     def _read_owner(fd) -> dict:
@@ -185,11 +242,12 @@ class RunFolder:
         return self.path / CHECKPOINT
 
     def has_checkpoint(self) -> bool:
-        return self.checkpoint.exists() or prev_path(self.checkpoint).exists()
+        return any(p.exists() for p in (self.checkpoint, tmp_path(self.checkpoint), prev_path(self.checkpoint)))
 
     def start_fresh(self, overwrite: bool) -> None:
         """A new run here: refuse to replace a checkpoint unless ``overwrite``."""
         if self.writes:
+            self.check_lock()
             if self.has_checkpoint() and not overwrite:
                 raise RunFolderError(f"--out {self.path} holds a checkpoint of an earlier run: continue it with "
                                      "--resume, or start again with --overwrite (which deletes it)")
@@ -197,14 +255,17 @@ class RunFolder:
                 (self.path / name).unlink(missing_ok=True)
         self.comm.barrier()
 
-    def resume(self) -> tuple:
-        """(params, optimiser state, meta, config changes) of the checkpoint to continue
-        from, on every rank. Rank 0 reads it (falling back to last.prev.h5 with a warning),
-        checks the configuration, keeps the metrics lines it covers and records allowed
-        changes, then broadcasts which file it read, or its error, which every rank raises."""
+    def resume(self, restore) -> tuple:
+        """Continue from the checkpoint, on every rank: ``restore(params, optimiser state,
+        meta)`` applies it to the run. Returns (meta, config changes). Rank 0 takes the
+        newest file that verifies, has this run's configuration (or allowed changes) and
+        restores (``checkpoint.load_latest``: last.h5, an interrupted save's last.h5.tmp,
+        last.prev.h5, with a warning for each passed over); it keeps the metrics lines the
+        file covers and records allowed changes, then broadcasts which file it took, or its
+        error, which every rank raises."""
         if self.writes:
             try:
-                params, state, meta, changes, path = self._load()
+                meta, changes, path = self._load(restore)
             except Exception as e:
                 self.comm.bcast_object(("error", str(e)))
                 raise
@@ -216,16 +277,26 @@ class RunFolder:
             status, what = self.comm.bcast_object(None)
             if status == "error":
                 raise RunFolderError(what)
-            (params, state, meta), changes = load_checkpoint(what), {}
+            params, state, meta = load_checkpoint(what)
+            restore(params, state, meta)
+            changes = {}
         self.comm.barrier()
-        return params, state, meta, changes
+        return meta, changes
 
-    def _load(self) -> tuple:
+    def _load(self, restore) -> tuple:
         if not self.has_checkpoint():
             raise RunFolderError(f"--resume: {self.path} holds no checkpoint (last.h5 or last.prev.h5) to resume from")
-        params, state, meta, path = load_latest(self.checkpoint, warn=self._say)
-        changes = self.check_config(meta.get("config", {}), self.config, self.allow)
-        return params, state, meta, changes, path
+        changes = {}
+
+        def accept(params, state, meta):
+            changes.clear()
+            changes.update(self.check_config(meta.get("config", {}), self.config, self.allow))  # refused: no fallback
+            try:
+                restore(params, state, meta)
+            except (CheckpointError, KeyError, ValueError, TypeError, IndexError) as e:
+                raise CheckpointError(f"does not restore into this run ({e})") from None
+        params, state, meta, path = load_latest(self.checkpoint, warn=self._say, accept=accept)
+        return meta, changes, path
 
     @staticmethod
     def check_config(old: dict, new: dict, allow) -> dict:
@@ -246,6 +317,7 @@ class RunFolder:
         """config.json (atomically), keeping the history of allowed changes."""
         if not self.writes:
             return
+        self.check_lock()
         path = self.path / "config.json"
         history = []
         if path.exists():
@@ -261,6 +333,7 @@ class RunFolder:
 
     def truncate_metrics(self, n_lines: int) -> None:
         """Keep the first ``n_lines`` of metrics.jsonl (what the checkpoint covers)."""
+        self.check_lock()
         path = self.path / METRICS
         lines = path.read_text().splitlines(keepends=True) if path.exists() else []
         tmp = path.with_name(METRICS + ".tmp")
@@ -271,6 +344,7 @@ class RunFolder:
     def log(self, record: dict) -> None:
         if not self.writes:
             return
+        self.check_lock()
         with open(self.path / METRICS, "a") as f:
             f.write(json.dumps(record) + "\n")
         self.metrics_lines += 1
@@ -279,6 +353,7 @@ class RunFolder:
         """A checkpoint (rank 0 writes it; every rank waits for it) with this run's
         configuration and the number of metrics lines it covers."""
         if self.writes:
+            self.check_lock()
             save_checkpoint(self.checkpoint, params, state,
                             {**meta, "config": self.config, "metrics_lines": self.metrics_lines})
         self.comm.barrier()

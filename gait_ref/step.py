@@ -130,7 +130,8 @@ class TrainStep:
     def load(self, params: dict, state: dict, xp) -> None:
         """Continue from ``state()``'s two dicts (as numpy arrays, from a checkpoint)."""
         restore_params(self.net, params, xp)
-        self.opt.load_state_dict({k: v for k, v in state.items() if not k.startswith("rule/")}, xp)
+        self.opt.load_state_dict({k: v for k, v in state.items() if not k.startswith("rule/")}, xp,
+                                 names=list(self.net.parameters()))
         if hasattr(self.rule, "load_state_dict"):
             self.rule.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("rule/")}, xp)
 

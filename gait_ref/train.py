@@ -95,13 +95,16 @@ class Trainer:
         self.saved_once = True
 
     def _resume(self):
-        params, state, meta, changes = self.folder.resume()
+        _, changes = self.folder.resume(self._restore)
+        self.saved_once = True
+        return changes
+
+    def _restore(self, params, state, meta) -> None:
+        """Apply a checkpoint: what the step trains, where the run is, the train metrics."""
         self.train_step.load(params, state, self.xp)
         self.pos = Position.from_meta(meta)
         self.meter.load(meta["acc"])
         self.wall_before = meta["wall_time_s"]
-        self.saved_once = True
-        return changes
 
     # ---- checks ---------------------------------------------------------------------------------------
     def check_conditioning(self):

@@ -112,12 +112,12 @@ class Broadcast:
 
 
 def test_resume_broadcasts_rank_0s_error_to_every_rank(tmp_path):
-    sent = []
+    sent, restored = [], []
     with pytest.raises(RunFolderError, match="holds no checkpoint") as root:
-        RunFolder(tmp_path, Broadcast(0, sent)).resume()
+        RunFolder(tmp_path, Broadcast(0, sent)).resume(restored.append)
     with pytest.raises(RunFolderError) as peer:
-        RunFolder(tmp_path, Broadcast(1, sent)).resume()
-    assert str(peer.value) == str(root.value)
+        RunFolder(tmp_path, Broadcast(1, sent)).resume(restored.append)
+    assert str(peer.value) == str(root.value) and restored == []
 
 
 def test_resume_reads_rank_0s_checkpoint_on_every_rank(tmp_path):
@@ -130,9 +130,11 @@ def test_resume_reads_rank_0s_checkpoint_on_every_rank(tmp_path):
     (tmp_path / METRICS).write_text('{"split": "train", "step": 5}\n{"split": "train", "step": 9}\n')
     sent, got = [], []
     for rank in (0, 1):
-        params, state, meta, changes = RunFolder(tmp_path, Broadcast(rank, sent), config).resume()
-        got.append((Position.from_meta(meta), to_numpy(params["fc1.W"]).tolist(), state["t"], changes))
-    assert got[0] == got[1] == (pos, [[1.0, 0.0], [0.0, 1.0]], 3, {})
+        restored = []
+        meta, changes = RunFolder(tmp_path, Broadcast(rank, sent), config).resume(
+            lambda params, state, meta: restored.append((to_numpy(params["fc1.W"]).tolist(), state["t"])))
+        got.append((Position.from_meta(meta), restored, changes))
+    assert got[0] == got[1] == (pos, [([[1.0, 0.0], [0.0, 1.0]], 3)], {})
     assert read_records(tmp_path) == [{"split": "train", "step": 5}]
 
 

@@ -96,3 +96,22 @@ def test_sgd_momentum_weight_decay(xp):
     opt2 = SGD(lr=0.1, momentum=0.9, weight_decay=0.01)
     opt2.load_state_dict(state, xp)
     assert opt2.t == 2 and abs(float(opt2.u["w"][0]) - 1.93698) < 1e-12
+
+
+def test_optimisers_refuse_a_state_with_missing_or_extra_keys():
+    """A resumed optimiser must hold a moment for every parameter it steps, and nothing
+    else: a state that does not fit is refused by name, not silently reset."""
+    params = {"a.W": np.ones(3), "a.b": np.zeros(2)}
+    grads = {k: np.full_like(v, 0.5) for k, v in params.items()}
+    for make, key in ((lambda: Adam(lr=0.1), "m/a.W"), (lambda: SGD(lr=0.1, momentum=0.9), "u/a.W")):
+        opt = make()
+        opt.step(params, grads)
+        state = opt.state_dict()
+        make().load_state_dict(state, np, names=list(params))            # fits
+        missing = {k: v for k, v in state.items() if k != key}
+        with pytest.raises(ValueError, match=rf"missing \['{key}'\]"):
+            make().load_state_dict(missing, np, names=list(params))
+        with pytest.raises(ValueError, match=r"unexpected \['" + key[0] + "/c.W'\\]"):
+            make().load_state_dict({**state, key[0] + "/c.W": np.ones(1)}, np, names=list(params))
+    Adam().load_state_dict({"t": 0}, np, names=list(params))              # not stepped yet: no moments
+    SGD(momentum=0.0).load_state_dict({"t": 4}, np, names=list(params))   # no momentum: nothing kept

@@ -88,6 +88,66 @@ def test_flipped_bytes_are_caught_by_the_checksums(tmp_path):
     assert "resuming from the previous checkpoint" in res.output
 
 
+SGD = ["--optimizer", "sgd", "--momentum", 0.9, "--lr", 1e-3]
+
+
+@pytest.mark.parametrize("optimizer", [SGD, []], ids=["sgd", "adam"])
+@pytest.mark.parametrize("damaged", ["optimizer/u::fc1.W", "params/fc2.W"])
+def test_a_damaged_dataset_name_falls_back_and_is_never_kept(tmp_path, optimizer, damaged):
+    """One flipped bit in a dataset's name: the metadata lists every dataset with its digest,
+    so the name is caught and --resume continues from last.prev.h5, ending as an
+    uninterrupted run. The damaged file is renamed aside, so the next save does not keep it
+    as last.prev.h5. (Before: SGD resumed silently with fc1's momentum reset; Adam died on a
+    KeyError; a parameter's name read as another architecture, with no fallback.)"""
+    if damaged.startswith("optimizer/u") and not optimizer:
+        damaged = "optimizer/m::fc1.W"
+    args = [*COMMON, *optimizer, "--checkpoint-every", 4]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_cli(*args, "--max-steps", 14, "--out", a).exit_code == 0
+    assert run_cli(*args, "--max-steps", 10, "--out", b).exit_code == 0
+    group, name = damaged.split("/")
+    with h5py.File(b / "last.h5", "r+") as f:
+        f[group].move(name, name[:-1] + chr(ord(name[-1]) ^ 1))        # W -> V: one bit of the name
+    res = run_cli(*args, "--max-steps", 14, "--out", b, "--resume")
+    assert res.exit_code == 0, res.output
+    assert "is not the one its metadata lists" in res.output or "listed in its metadata are missing" in res.output
+    assert "resuming from the previous checkpoint last.prev.h5" in res.output
+    assert strip_timings(records(a)) == strip_timings(records(b))
+    assert (b / "last.h5.corrupt").exists()
+    for f in ("last.h5", "last.prev.h5"):
+        load_checkpoint(b / f)                                         # both verify: the damaged file is in neither
+
+
+def test_a_checkpoint_that_does_not_restore_falls_back(tmp_path):
+    """A checkpoint that verifies but does not fit the run (here an optimiser state with a
+    moment missing, as a writer bug would leave it) is passed over like a damaged one."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    args = [*COMMON, "--checkpoint-every", 4]
+    assert run_cli(*args, "--max-steps", 14, "--out", a).exit_code == 0
+    assert run_cli(*args, "--max-steps", 10, "--out", b).exit_code == 0
+    params, state, meta = load_checkpoint(b / "last.h5")
+    del state["m/fc1.W"]
+    save_checkpoint(b / "broken.h5", params, state, meta)
+    os.replace(b / "broken.h5", b / "last.h5")
+    res = run_cli(*args, "--max-steps", 14, "--out", b, "--resume")
+    assert res.exit_code == 0 and "does not restore into this run (Adam state does not fit the parameters: missing " \
+        "['m/fc1.W']" in res.output, res.output
+    assert strip_timings(records(a)) == strip_timings(records(b))
+
+
+def test_the_complete_save_of_an_interrupted_run_is_resumed(tmp_path):
+    """Killed after its first save's file was written and synced, before the rename: only
+    last.h5.tmp exists. It is complete and verifies, so --resume takes it."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    args = [*COMMON, "--checkpoint-every", 4]
+    assert run_cli(*args, "--max-steps", 10, "--out", a).exit_code == 0
+    assert run_cli(*args, "--max-steps", 4, "--out", b).exit_code == 0
+    os.replace(b / "last.h5", b / "last.h5.tmp")
+    res = run_cli(*args, "--max-steps", 10, "--out", b, "--resume")
+    assert res.exit_code == 0 and "resuming from the complete save left by an interruption last.h5.tmp" in res.output
+    assert strip_timings(records(a)) == strip_timings(records(b))
+
+
 def _spawn(args, **kw):
     return subprocess.Popen([sys.executable, "run.py", *map(str, args), "--quiet"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
@@ -144,6 +204,62 @@ def test_two_runs_cannot_share_a_folder_and_a_dead_owners_lock_is_taken_over(tmp
     step = load_latest(out / "last.h5")[2]["step"]
     res = run_cli(*COMMON, "--max-steps", step + 3, "--out", out, "--resume")
     assert res.exit_code == 0 and f"taking over the stale lock of pid {p.pid}" in res.output
+
+
+def test_a_lock_record_of_a_live_run_or_another_host_is_refused_unless_forced(tmp_path):
+    """A second mount of the folder, a file system without shared locks, or a .lock deleted
+    by hand lets this process take the POSIX lock while another run holds the folder: the
+    record then names a live process on this host, or a process on another host. Such a
+    lock is refused (--overwrite would delete that run's files); --force-unlock takes it."""
+    import socket
+    out = tmp_path / "r"
+    assert run_cli(*COMMON, "--max-steps", 3, "--out", out).exit_code == 0
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for host, pid, where in ((socket.gethostname(), sleeper.pid, "on this host, where that process is running"),
+                                 ("node-elsewhere", 4242, "on another host")):
+            (out / ".lock").write_text(json.dumps({"pid": pid, "host": host, "started": "2026-12-06 05:00:00"}))
+            res = run_cli(*COMMON, "--max-steps", 3, "--out", out, "--overwrite")
+            one_line_error(res, f"its .lock names pid {pid} on {host}", where, "--force-unlock")
+            assert (out / "last.h5").exists()                       # nothing was deleted
+        res = run_cli(*COMMON, "--max-steps", 3, "--out", out, "--overwrite", "--force-unlock")
+        assert res.exit_code == 0 and "--force-unlock: taking over the lock of pid 4242 on node-elsewhere" in res.output
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+@pytest.mark.parametrize("kind", ["symlink", "folder"])
+def test_a_lock_that_is_not_a_plain_file_is_refused_and_left_alone(tmp_path, kind):
+    out, victim = tmp_path / "r", tmp_path / "victim.txt"
+    out.mkdir()
+    victim.write_text("precious")
+    if kind == "symlink":
+        (out / ".lock").symlink_to(victim)
+    else:
+        (out / ".lock").mkdir()
+    one_line_error(run_cli(*COMMON, "--max-steps", 2, "--out", out), "is not a regular file")
+    assert victim.read_text() == "precious" and not (out / "metrics.jsonl").exists()
+
+
+def test_a_run_whose_lock_is_deleted_stops_before_it_writes_again(tmp_path):
+    """A user who deletes a live run's .lock (taking it for stale) lets a second run lock a
+    new file: the first run notices at its next write that .lock is no longer the file it
+    locked, and stops without writing, naming the cause."""
+    out = tmp_path / "r"
+    p = _spawn([*COMMON, "--max-steps", 100000, "--checkpoint-every", 5, "--out", out])
+    try:
+        deadline = time.time() + 60
+        while not (out / "last.h5").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        (out / ".lock").unlink()
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == 2 and "its .lock was deleted or replaced while this run held it" in err, err
+    assert load_latest(out / "last.h5")[2]["step"] % 5 == 0           # its last checkpoint stands
 
 
 def test_overwrite_starts_again(tmp_path):

@@ -301,4 +301,5 @@ class DifferenceTargetProp:
                     raise ValueError(f"checkpoint has no {key}: it was written by a different rule or network")
                 fb.params[k] = to_device(state[key].astype(fb.params[k].dtype), xp)
             prefix = f"opt/{fb.name}/"
-            self.opts[l].load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, xp)
+            self.opts[l].load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, xp,
+                                         names=[f"{fb.name}.{k}" for k in fb.params])

@@ -206,6 +206,7 @@ class TargetRule:
         return state
 
     def load_state_dict(self, state: dict, xp) -> None:
+        self.refined = [RefinedInverse() for _ in self.net.layers]     # nothing kept from before the load
         for l, r in enumerate(self.refined):
             r.load_state_dict(state, f"inverse/{l}/", xp)
 
