@@ -17,7 +17,7 @@ from .architectures import build
 from .backend import backend_name, blas_info, get_backend
 from .config import Config, square_network
 from .data import ArraySet, BatchLoader, Subset, load_task
-from .distributed import LOCAL
+from .distributed import LOCAL, options_that_differ
 from .hostmem import describe as describe_host_memory
 from .hostmem import keep_freed_memory
 from .losses import make_loss
@@ -105,11 +105,39 @@ def assemble(cfg: Config, comm=LOCAL) -> Run:
     cfg = cfg.resolved()
     xp = comm.bind(get_backend(cfg.backend), run_dir=cfg.out)
     data = load_data(cfg, xp, comm)
+    if comm.size > 1:
+        check_ranks_agree(cfg, comm, data)
     step = build_step(cfg, data.in_shape, data.n_classes, xp, comm)
     folder = RunFolder.open(cfg.out, comm, cfg.to_dict(), cfg.allow_config_change, cfg.quiet, cfg.force_unlock)
     plan = LoopPlan.of(cfg, data.source, data.train_loader.batches_per_epoch(), comm.size)
     return Run(xp, data, step, folder, plan, describe(cfg, comm, xp, data, step.net),
                lambda: verify_shards(cfg, comm, data))
+
+
+def data_digest(data: RunData) -> str:
+    """One SHA-256 of the sets the run trains, validates and tests on (their contents, not
+    where they are: a moved folder has the same digest)."""
+    import hashlib
+    sets = [s for s in (data.train_set, data.eval_set, data.val_set) if s is not None]
+    return hashlib.sha256(" ".join(s.digest() for s in sets).encode()).hexdigest()
+
+
+def check_ranks_agree(cfg: Config, comm, data: RunData) -> None:
+    """RuntimeError naming every option (and the data) that differs between the ranks and
+    which ranks hold which value: ranks started with different options would train apart
+    silently, or hang where their step counts differ. The output folder and the data's
+    path may differ; the data's contents may not."""
+    mine = {k: v for k, v in cfg.to_dict().items() if k not in ("out", "data")}
+    mine["data"] = f"sha256 {data_digest(data)[:16]}"
+    differ = options_that_differ(comm, mine)
+    if differ:
+        listed = "; ".join(f"--{k.replace('_', '-')}: " + ", ".join(f"{v} on rank{'s' if len(r) > 1 else ''} "
+                                                                    f"{','.join(map(str, r))}" for v, r in held.items())
+                           for k, held in differ.items())
+        if "data" in differ:                            # where each rank read it (every rank is here)
+            listed += " (" + ", ".join(f"rank {r}: {s}" for r, s in enumerate(comm.allgather_object(data.source))) + ")"
+        raise RuntimeError(f"the ranks were started with different options or data: {listed}. Start every rank "
+                           "with the same command")
 
 
 def load_data(cfg: Config, xp, comm=LOCAL) -> RunData:

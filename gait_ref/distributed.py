@@ -105,6 +105,20 @@ def replicas_differ(comm, arrays) -> list:
     return [r for r, d in enumerate(digests) if d != digests[0]]
 
 
+def options_that_differ(comm, options: dict) -> dict:
+    """{option: {value: [ranks]}} for every option whose value is not the same on every rank
+    (``options`` gathered from every rank)."""
+    every = comm.allgather_object(options)
+    differ = {}
+    for k in sorted(set().union(*every)):
+        held: dict = {}
+        for rank, opts in enumerate(every):
+            held.setdefault(repr(opts.get(k)), []).append(rank)
+        if len(held) > 1:
+            differ[k] = held
+    return differ
+
+
 # ---- MPI (and NCCL on GPUs) ------------------------------------------------------------------------------
 def import_mpi():
     """mpi4py's MPI module, or a clear error saying how to install it."""

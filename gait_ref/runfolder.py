@@ -314,19 +314,30 @@ class RunFolder:
 
     # ---- files ------------------------------------------------------------------------------------------------
     def write_config(self, info: dict, changes: dict | None = None, step: int = 0) -> None:
-        """config.json (atomically), keeping the history of allowed changes."""
+        """config.json (atomically), keeping its history: the allowed changes of options,
+        and a resume on another number of processes or BLAS thread counts (which change
+        the order of summation, so the run is no longer bit-for-bit an uninterrupted one)."""
         if not self.writes:
             return
         self.check_lock()
         path = self.path / "config.json"
-        history = []
+        old = {}
         if path.exists():
             try:
-                history = json.loads(path.read_text()).get("history", [])
+                old = json.loads(path.read_text())
             except (ValueError, OSError):
-                history = []
+                old = {}
+        history = old.get("history", [])
         if changes:
             history.append({"step": step, "changes": changes})
+        moved = {}
+        if "world_size" in old and old["world_size"] != info.get("world_size"):
+            moved["world_size"] = [old["world_size"], info.get("world_size")]
+        threads = [[b.get("num_threads") for b in i.get("blas", [])] for i in (old, info)]
+        if "blas" in old and threads[0] != threads[1]:
+            moved["blas_threads"] = threads
+        if moved:
+            history.append({"step": step, "resumed_on": moved})
         tmp = path.with_name("config.json.tmp")
         tmp.write_text(json.dumps({**info, "history": history}, indent=1))
         os.replace(tmp, path)

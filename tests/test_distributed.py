@@ -211,10 +211,44 @@ def test_resume_on_another_number_of_processes(tmp_path, shards):
     assert res.returncode == 0, res.stdout + res.stderr
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert cfg["world_size"] == 2
+    # the history records each resume on another number of processes (and BLAS threads: each rank
+    # takes its share of the cores)
+    moves = [(h["step"], h["resumed_on"]["world_size"]) for h in cfg["history"] if "resumed_on" in h]
+    assert moves == [(6, [2, 1]), (12, [1, 2])], cfg["history"]
     Trainer(Config(task="imagenet", data=str(shards), arch="conv7", rule="gait", dtype="float64", batch_size=8,
                    log_every=2, eval_subset=16, max_steps=16, ortho_lambda=0.0, quiet=True,
                    out=str(tmp_path / "one"))).run()
     assert_same_run(tmp_path / "one", tmp_path / "m", tol=1e-7, case="resume 2-1-2 ranks")  # 16 steps
+
+
+def test_ranks_started_with_different_options_or_data_are_refused(tmp_path, shards):
+    """Every rank compares its resolved options and its data's digest with the others' at
+    start-up: different --lr, --seed or --max-steps (which would train apart silently, or hang
+    until --comm-timeout) or a different data set of the same shapes end the job at once,
+    naming each option and which ranks hold which value. The same data in another folder is
+    the same data."""
+    other, copy = tmp_path / "other", tmp_path / "copy"
+    make_shards(other, n_train=48, n_val=16, size=32, per_shard=8, seed=5)
+    shutil.copytree(shards, copy)
+    base = ["run.py", "--distributed", "mpi", "--task", "imagenet", "--arch", "mlp-64x1", "--rule", "bp",
+            "--batch-size", 8, "--quiet"]
+
+    def mpmd(*per_rank):
+        cmd = [MPIRUN]
+        for i, extra in enumerate(per_rank):
+            cmd += ([":"] if i else []) + ["-n", "1", sys.executable, *map(str, [*base, *extra])]
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    res = mpmd(["--data", shards, "--max-steps", 3, "--lr", 1e-3], ["--data", shards, "--max-steps", 4, "--seed", 2])
+    log = res.stdout + res.stderr
+    assert res.returncode != 0 and "the ranks were started with different options or data" in log, log[-2000:]
+    for fragment in ("--max-steps: 3 on rank 0, 4 on rank 1", "--seed: 0 on rank 0, 2 on rank 1",
+                     "--lr: 0.001 on rank 0, 0.0001 on rank 1"):
+        assert fragment in log, (fragment, log[-2000:])
+    res = mpmd(["--data", shards, "--max-steps", 2], ["--data", other, "--max-steps", 2])
+    log = res.stdout + res.stderr
+    assert res.returncode != 0 and "--data: 'sha256" in log and "on rank 0" in log and "on rank 1" in log, log[-2000:]
+    res = mpmd(["--data", shards, "--max-steps", 2], ["--data", copy, "--max-steps", 2])
+    assert res.returncode == 0, res.stdout + res.stderr
 
 
 def test_a_batch_that_does_not_split_evenly_is_refused(shards):

@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,9 @@ class Subset:
 
     def read(self, idx):
         return self.data.read(np.asarray(idx) + self.lo)
+
+    def digest(self) -> str:
+        return hashlib.sha256(f"{self.data.digest()} [{self.lo}, {self.lo + self.n})".encode()).hexdigest()
 
 
 @dataclass

@@ -26,6 +26,7 @@ Time spent waiting for a batch is the caller's to measure (the trainer logs it a
 """
 from __future__ import annotations
 
+import hashlib
 import multiprocessing as mp
 import os
 import queue
@@ -57,6 +58,13 @@ class ArraySet:
 
     def __len__(self):
         return len(self.x)
+
+    def digest(self) -> str:
+        """SHA-256 of the images (in NCHW order, whatever the layout) and labels."""
+        h = hashlib.sha256(f"{self.x.shape}".encode())
+        h.update(np.ascontiguousarray(self.x).tobytes())
+        h.update(self.y.tobytes())
+        return h.hexdigest()
 
     def read(self, idx):
         if channels_last(self.x):       # gather in the storage layout, hand back the NCHW view

@@ -121,6 +121,13 @@ class ShardSet:
     def __len__(self):
         return int(self.offsets[-1])
 
+    def digest(self) -> str:
+        """SHA-256 of what the manifest says this split holds (each shard's name, count and
+        SHA-256, the image shape and the classes): the same data wherever its folder is."""
+        what = {"split": self.split, "shards": [[e["file"], e["count"], e["sha256"]] for e in self.entries],
+                "image_shape": list(self.image_shape), "classes": self.classes}
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
     # ---- verification ----------------------------------------------------------------------------
     def _check_shard(self, e: dict) -> None:
         """Size, SHA-256 and label range of one shard; DataFormatError naming it."""
