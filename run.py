@@ -7,16 +7,21 @@
 """
 from __future__ import annotations
 
-import json
-import sys
-from pathlib import Path
+if __name__ == "__main__":            # a stop signal during the imports below is recorded, not fatal
+    from gait_ref import stopping as _stopping
+    _stopping.install()
 
-import click
+import json  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-from gait_ref.backend import BACKENDS, BackendError
-from gait_ref.config import Config
-from gait_ref.data import TASKS, DataFormatError
-from gait_ref.rules import RULES
+import click  # noqa: E402
+
+from gait_ref.backend import BACKENDS, BackendError  # noqa: E402
+from gait_ref.config import Config  # noqa: E402
+from gait_ref.data import TASKS, DataFormatError  # noqa: E402
+from gait_ref.rules import RULES  # noqa: E402
+from gait_ref.stopping import recording  # noqa: E402
 
 
 class PerLayer(click.ParamType):
@@ -156,6 +161,11 @@ def _read_config_file(path: str) -> dict:
 @click.option("--print-config", is_flag=True, help="Print the resolved configuration and exit.")
 def main(config_file, print_config, **opts):
     """Train a network with BP, FA, DFA, TP, ITP, GAIT-prop, DTP, SDTP or L-DRL."""
+    with recording():                 # a stop signal before the training loop ends the run with a message
+        _main(config_file, print_config, **opts)
+
+
+def _main(config_file, print_config, **opts):
     values = {}
     if config_file:
         values.update({k.replace("-", "_"): v for k, v in _read_config_file(config_file).items()})

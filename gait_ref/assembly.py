@@ -8,6 +8,7 @@ alone for benchmarks and tests, on batches of their own. This module and
 from __future__ import annotations
 
 import platform
+import signal
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,7 @@ from .optim import SGD, Adam
 from .rules import make_rule
 from .runfolder import RunFolder
 from .step import TrainStep
+from .stopping import StopRequested
 
 EVAL_BATCH = 1000          # images per evaluation batch (fewer when the set is smaller)
 
@@ -97,7 +99,7 @@ class Run:
     folder: object                  # RunFolder, or NoRunFolder without --out
     plan: LoopPlan
     description: dict               # config.json (``describe``)
-    verify_data: object             # () -> None: every shard checked before the first step
+    verify_data: object             # (stop_requested) -> None: every shard checked before the first step
 
 
 def assemble(cfg: Config, comm=LOCAL) -> Run:
@@ -111,7 +113,7 @@ def assemble(cfg: Config, comm=LOCAL) -> Run:
     folder = RunFolder.open(cfg.out, comm, cfg.to_dict(), cfg.allow_config_change, cfg.quiet, cfg.force_unlock)
     plan = LoopPlan.of(cfg, data.source, data.train_loader.batches_per_epoch(), comm.size)
     return Run(xp, data, step, folder, plan, describe(cfg, comm, xp, data, step.net),
-               lambda: verify_shards(cfg, comm, data))
+               lambda stop_requested: verify_shards(cfg, comm, data, stop_requested))
 
 
 def data_digest(data: RunData) -> str:
@@ -201,9 +203,12 @@ def build_step(cfg: Config, in_shape, n_classes: int, xp=np, comm=LOCAL) -> Trai
                      cond_max=cfg.cond_max)
 
 
-def verify_shards(cfg: Config, comm, data: RunData) -> None:
+def verify_shards(cfg: Config, comm, data: RunData, stop_requested=lambda: 0) -> None:
     """Verify every shard the run will read before the first step (cached: in the run
-    folder, or the data cache without --out). Rank 0 hashes; the others read its cache."""
+    folder, or the data cache without --out). Rank 0 hashes; the others read its cache.
+    ``stop_requested()`` (a signal number, 0 for none) is asked between shards: a stop
+    signal ends the verification at the next shard, keeps what was verified in the cache,
+    and ends the run with StopRequested on every rank."""
     from pathlib import Path
 
     from .data.packaged import cache_dir
@@ -213,8 +218,13 @@ def verify_shards(cfg: Config, comm, data: RunData) -> None:
             found = found.data
         if hasattr(found, "verify"):
             if comm.is_root:
-                found.verify(cache, quiet=cfg.quiet)
+                found.verify(cache, quiet=cfg.quiet, should_stop=stop_requested)
             comm.barrier(timeout=False)             # hashing a large set takes a while
+            signum = comm.max_int(stop_requested())
+            if signum:
+                raise StopRequested(f"stopped by {signal.Signals(signum).name} while verifying the data, before the "
+                                    f"first step: {len(found.verified)} of {len(found.entries)} {found.split} shards "
+                                    "verified (kept in the cache); start again to go on", signum)
             if not comm.is_root:
                 found.verify(cache, quiet=True)     # reads rank 0's cache: no re-hashing
 

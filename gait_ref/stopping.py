@@ -15,6 +15,12 @@ collective): the trainer takes the largest of the ranks' flags after every step 
 all-reduce of one number), so a signal that reaches one rank stops them all.
 
 Loader worker processes ignore these signals (and SIGINT): the main process closes them.
+
+``install()`` (first thing in ``run.py``) and ``recording()`` (around its ``main``) record a
+signal that arrives before the trainer's loop, during imports, data loading or shard
+verification, instead of letting it kill the process without a word: the verification
+stops between shards (keeping what it verified in its cache) and the run ends with
+``StopRequested`` before its first step.
 """
 from __future__ import annotations
 
@@ -23,6 +29,39 @@ import signal
 import threading
 
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
+_received = {"signum": 0}          # the last stop signal this process received (0: none)
+
+
+def _record(signum, frame=None) -> None:
+    _received["signum"] = signum
+
+
+def received() -> int:
+    """The stop signal this process has received (0: none), recorded by ``install`` or a
+    trainer's handler."""
+    return _received["signum"]
+
+
+def install() -> dict:
+    """From now on, record SIGTERM and SIGUSR1 (``received``) instead of dying on them;
+    returns the handlers they had. Handlers can only be set from the main thread; elsewhere
+    this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {getattr(signal, name): signal.signal(getattr(signal, name), _record) for name in STOP_SIGNALS}
+
+
+@contextlib.contextmanager
+def recording():
+    """``install()`` while the context is open; then the earlier handlers are put back and
+    the record is cleared."""
+    previous = install()
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _received["signum"] = 0
 
 
 class StopFlag:
@@ -31,7 +70,7 @@ class StopFlag:
 
     def __init__(self, comm):
         self.comm = comm
-        self.requested = 0           # the signal this rank received (0: none)
+        self.requested = received()  # the signal this rank received (0: none), before this flag too
         self.agreed = 0              # the signal every rank agreed to stop on (0: none yet)
 
     def request(self, signum: int) -> None:
@@ -63,7 +102,8 @@ class StopRequested(Exception):
 @contextlib.contextmanager
 def on_stop_signals(callback):
     """Call ``callback(signum)`` on SIGTERM or SIGUSR1 while the context is open (the
-    previous handlers are put back after). Signal handlers can only be set from the main
+    previous handlers are put back after, and the record of a signal received before is
+    cleared: this context has taken it). Signal handlers can only be set from the main
     thread; elsewhere (a trainer run from a worker thread) this does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -77,3 +117,4 @@ def on_stop_signals(callback):
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        _received["signum"] = 0

@@ -223,11 +223,14 @@ class Trainer:
             self.folder.start_fresh(plan.overwrite)
         pos = self.pos                      # (a resume replaced it)
         self.folder.write_config(self.description, changes, pos.step)
-        self.verify_data()                  # before any reader starts or data is loaded into memory
+        self.verify_data(lambda: self.stop.requested)   # before any reader starts or data is loaded into memory
         max_steps = plan.max_steps or math.inf
         per_epoch = self.data.train_loader.batches_per_epoch()
         if not plan.quiet and self.comm.is_root:
             print(plan.banner, flush=True)
+        if self.stop.agree():               # a signal during start-up (data loading, imports: run.py records it)
+            where = f"the checkpoint of step {pos.step} stands" if plan.resume else "nothing was trained"
+            raise StopRequested(f"stopped by {self.stop.name} before step {pos.step + 1}: {where}", self.stop.agreed)
         try:
             if pos.pending_eval:                                   # resumed between a save and its evaluation
                 self._log_eval(None)

@@ -392,6 +392,55 @@ def test_worker_processes_exit_when_their_parent_is_killed(tmp_path):
                 os.kill(w, signal.SIGKILL)
 
 
+SURVIVOR_OF_A_DEAD_WORKER = """
+import sys
+import numpy as np
+from gait_ref.data import BatchLoader, ShardSet
+loader = BatchLoader(ShardSet(sys.argv[1], "train"), 8, np, np.float32, workers=2)
+try:
+    next(iter(loader.epoch(0)))
+    print(" ".join(str(p.pid) for p in loader.reader.procs), flush=True)
+    sys.stdin.readline()
+    for epoch in range(1, 1000):
+        for _ in loader.epoch(epoch):
+            pass
+except Exception as e:
+    print(type(e).__name__, e, flush=True)
+finally:
+    loader.close()
+"""
+
+
+def test_a_dead_worker_ends_the_loader_and_no_worker_outlives_it(tmp_path):
+    """One worker killed, the other never answering again (as when it blocks on a queue lock
+    the dead one held; here it is stopped): the loader names the dead worker, and closing it
+    ends the survivor too, although workers ignore SIGTERM. Before, the survivor outlived
+    close() and the interpreter's exit waited for it forever."""
+    import signal
+    import subprocess
+    import sys
+    from .helpers import make_shards
+    make_shards(tmp_path, n_train=60, n_val=4, size=4, per_shard=7)
+    p = subprocess.Popen([sys.executable, "-c", SURVIVOR_OF_A_DEAD_WORKER, str(tmp_path)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    workers = []
+    try:
+        workers = [int(w) for w in p.stdout.readline().split()]
+        assert len(workers) == 2
+        os.kill(workers[0], signal.SIGKILL)
+        os.kill(workers[1], signal.SIGSTOP)
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        out, _ = p.communicate(timeout=60)
+        assert "loader worker" in out and "died" in out, out
+        assert p.returncode == 0 and all(process_gone(w) for w in workers)
+    finally:
+        p.kill()
+        for w in workers:
+            if not process_gone(w):
+                os.kill(w, signal.SIGKILL)
+
+
 def _ignored(pid) -> set:
     """The signals process ``pid`` ignores (the SigIgn mask of /proc/<pid>/status)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -465,6 +465,54 @@ def test_a_scheduler_signal_checkpoints_the_step_and_resume_loses_nothing(tmp_pa
     assert strip_timings(records(a)) == strip_timings(records(b))
 
 
+def _catches(pid, signum) -> bool:
+    """Whether process ``pid`` has a handler for ``signum`` (the SigCgt mask of /proc/<pid>/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    return False
+
+
+def test_a_signal_during_start_up_ends_the_run_with_a_message(tmp_path):
+    """SIGTERM while run.py is still importing and loading (with ImageNet in host memory that
+    takes minutes): recorded from the first lines of run.py on, it ends the run before its
+    first step with a message and status 143, instead of killing it without a word (before,
+    the handler came with the training loop)."""
+    p = _spawn([*COMMON, "--max-steps", 100000, "--out", tmp_path / "r"])
+    try:
+        deadline = time.time() + 60
+        while not _catches(p.pid, signal.SIGTERM) and time.time() < deadline and p.poll() is None:
+            time.sleep(0.005)
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM before step 1: nothing was trained" in err, \
+        (p.returncode, err)
+
+
+def test_a_signal_during_shard_verification_stops_it_and_keeps_what_was_verified(tmp_path):
+    """A stop signal stops the verification at the next shard (not after the whole data
+    set); the shards verified are in the cache, so the next run hashes only the rest."""
+    from gait_ref.assembly import load_data, verify_shards
+    from gait_ref.distributed import LOCAL
+    from gait_ref.stopping import StopRequested
+    make_shards(tmp_path / "d", n_train=64, n_val=8, size=4, per_shard=8)
+    cfg = Config(task="imagenet", data=str(tmp_path / "d"), arch="mlp-64x1", rule="bp", batch_size=8,
+                 out=str(tmp_path / "r")).resolved()
+    (tmp_path / "r").mkdir()
+    data = load_data(cfg, np)
+    with pytest.raises(StopRequested, match=r"stopped by SIGTERM while verifying the data, before the first step: "
+                                            r"1 of 8 train shards verified \(kept in the cache\)") as stop:
+        verify_shards(cfg, LOCAL, data, stop_requested=lambda: int(signal.SIGTERM))
+    assert stop.value.signum == signal.SIGTERM
+    cache = json.loads((tmp_path / "r" / "shard_verification.json").read_text())
+    assert [len(v) for v in cache.values()] == [1]
+    assert data.train_set.verify(tmp_path / "r" / "shard_verification.json") == 7      # only the rest is hashed
+
+
 def test_a_signal_during_an_evaluation_stops_it_and_resume_evaluates_again(tmp_path):
     """SIGTERM while the end of epoch 0 is being evaluated (an ImageNet evaluation can outlast
     a 30 s grace period): the evaluation stops at its next batch, the run ends with

@@ -214,12 +214,17 @@ class _ProcessReader:
             self.free.append(slot)
 
     def close(self):
+        """Stop the workers: each gets an end-of-jobs sentinel; one that has not ended within
+        5 s (blocked, e.g. on a queue lock a killed worker held) is killed. Workers ignore
+        SIGTERM by design, so terminate() would leave it running, and the interpreter's exit,
+        which joins daemonic children, waiting for it forever."""
         for _ in self.procs:
             self.jobs.put(None)
         for p in self.procs:
             p.join(timeout=5)
             if p.is_alive():
-                p.terminate()
+                p.kill()
+                p.join(timeout=5)
         self.views = []
         for s in self._shm:
             s.close()

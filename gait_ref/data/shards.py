@@ -146,10 +146,13 @@ class ShardSet:
             raise DataFormatError(f"shard {path}: label {int(labels[bad[0]])} at index {int(bad[0])} is outside "
                                   f"0..{self.n_classes - 1} (the manifest lists {self.n_classes} classes)")
 
-    def verify(self, cache_file=None, workers: int = 4, quiet: bool = True) -> int:
+    def verify(self, cache_file=None, workers: int = 4, quiet: bool = True, should_stop=None) -> int:
         """Check every shard of the split before it is read (see ``_check_shard``); shards
         whose (size, mtime) match ``cache_file``'s record are not re-hashed. Returns how
-        many shards were hashed. The cache is written atomically after each run."""
+        many shards were hashed. The cache is written atomically after each run.
+        ``should_stop()`` is asked after each shard: when it answers true, the shards not
+        yet started are left unverified (``self.verified`` lacks them) and the cache keeps
+        the ones that were."""
         cache_file = None if cache_file is None else Path(cache_file)
         cache = {}
         if cache_file is not None and cache_file.exists():
@@ -172,14 +175,23 @@ class ShardSet:
             bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"verifying {self.split} shards",
                        disable=quiet or total < (1 << 30), leave=False)
             with ThreadPoolExecutor(max(1, int(workers))) as pool:     # hashlib releases the GIL
-                for e, _ in zip(todo, pool.map(self._check_shard, todo)):
-                    done[e["file"]] = _stat_key(self.root / e["file"])
-                    bar.update(e["bytes"])
+                futures = [pool.submit(self._check_shard, e) for e in todo]
+                try:
+                    for e, f in zip(todo, futures):
+                        f.result()
+                        done[e["file"]] = _stat_key(self.root / e["file"])
+                        bar.update(e["bytes"])
+                        if should_stop is not None and should_stop():
+                            break
+                finally:
+                    for f in futures:                    # not started: left for the next run
+                        f.cancel()
             bar.close()
         self.verified = done
         if cache_file is not None:
             _update_cache(cache_file, str(self.root.resolve()),
-                          {e["file"]: {"stat": list(done[e["file"]]), "sha256": e["sha256"]} for e in self.entries})
+                          {e["file"]: {"stat": list(done[e["file"]]), "sha256": e["sha256"]} for e in self.entries
+                           if e["file"] in done})
         return len(todo)
 
     # ---- reading ------------------------------------------------------------------------------------
