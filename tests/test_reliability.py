@@ -377,6 +377,79 @@ def test_crafted_pickles_are_refused_before_they_run_code(tmp_path):
     assert not marker.exists()
 
 
+class _Phantom:
+    """numpy.ndarray(shape, dtype, buffer, offset, strides) called from the pickle: 750,000
+    'images' over one byte (zero strides)."""
+
+    def __reduce__(self):
+        return np.ndarray, ((250000, 3072), np.dtype(np.uint8), b"\0", 0, (0, 0))
+
+
+class _Claims:
+    """numpy's own recipe (_reconstruct, then the state) with a shape the data does not hold."""
+
+    def __init__(self, shape, raw):
+        self.shape, self.raw = shape, raw
+
+    def __reduce__(self):
+        return (np.zeros(1).__reduce__()[0], (np.ndarray, (0,), b"b"),                  # numpy's _reconstruct
+                (1, self.shape, np.dtype(np.uint8), False, self.raw))
+
+
+def _dump(path, obj):
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=2)
+    return path
+
+
+def test_crafted_pickles_cannot_make_arrays_larger_than_their_file(tmp_path):
+    """The allow-list stops code; these stop memory: an array built over a buffer with zero
+    strides (132-byte files trained on 750,000 phantom images), numpy's recipe with a shape
+    its data does not fill, one large bytes object replayed through the memo into many
+    arrays, and shared references that made the check of the result exponential. Each is a
+    one-line DataFormatError naming the file; data_prep's reader refuses them alike."""
+    from data_prep.downsampled import read_batch
+    from data_prep.imagenet_tree import PrepError
+    from gait_ref.data import safe_pickle
+    raw = bytes(range(256)) * 400                                    # 100 KiB, pickled once, referenced 50 times
+    shared = {}
+    for level in range(3):
+        shared = {str(i).encode(): shared for i in range(1000)}         # 10^9 paths to one empty dict, 4 deep
+    cases = {"phantom": ({b"data": _Phantom(), b"labels": [0]}, "builds an array directly"),
+             "claims": ({b"data": _Claims((100000, 3072), b"\1" * 10), b"labels": [0]}, "whose data is 10 bytes"),
+             "replayed": ({b"data": [_Claims((1, len(raw)), raw) for _ in range(50)]},
+                          "more than the file's remaining"),
+             "shared": ({b"data": shared}, None)}
+    for name, (obj, message) in cases.items():
+        path = _dump(tmp_path / name, obj)
+        if message is None:
+            assert isinstance(safe_pickle.load(path, encoding="bytes"), dict)     # visited once each: instant
+            continue
+        assert path.stat().st_size < 200_000
+        with pytest.raises(DataFormatError, match=message):
+            safe_pickle.load(path, encoding="bytes")
+        with pytest.raises(PrepError, match=message):
+            read_batch(path)
+    (tmp_path / "c").mkdir()
+    root = _cifar(tmp_path / "c")
+    _dump(root / "cifar-10-batches-py" / "data_batch_2", cases["phantom"][0])
+    one_line_error(run_cli("--task", "cifar10", "--data", root, "--max-steps", 1), "data_batch_2: builds an array")
+
+
+@pytest.mark.parametrize("label,message", [(2 ** 70, "label 1180591620717411303424 at index 5 is outside 0..9"),
+                                           (3.7, "label 3.7 at index 5 is not an integer")])
+def test_cifar_labels_are_integers_in_range_before_any_conversion(tmp_path, label, message):
+    """A float label was truncated silently; 2**70 ended in an OverflowError traceback."""
+    root = _cifar(tmp_path)
+    path = root / "cifar-10-batches-py" / "data_batch_3"
+    with open(path, "rb") as f:
+        batch = pickle.load(f, encoding="bytes")                    # our own file: plain pickle is fine
+    batch[b"labels"] = [int(v) for v in batch[b"labels"]]
+    batch[b"labels"][5] = label
+    _dump(path, batch)
+    one_line_error(run_cli("--task", "cifar10", "--data", root, "--max-steps", 1), f"data_batch_3: {message}")
+
+
 @pytest.mark.parametrize("label", [12, -1])
 def test_cifar_labels_are_range_checked(tmp_path, label):
     root = _cifar(tmp_path, labels_of="data_batch_3", payload=label)

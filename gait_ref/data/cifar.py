@@ -30,14 +30,20 @@ def _read_batch(path: Path):
     d = safe_pickle.load(path, encoding="bytes")
     try:
         x = np.asarray(d[b"data"])
-        y = np.asarray(d[b"labels"], dtype=np.int64)
-    except (KeyError, ValueError, TypeError) as e:  # missing keys, ragged labels
+        labels = d[b"labels"]
+    except (KeyError, ValueError, TypeError) as e:  # missing keys
         raise DataFormatError(f"{path}: not a CIFAR-10 python batch ({type(e).__name__}: {e})") from None
+    labels = labels.tolist() if isinstance(labels, np.ndarray) else labels
+    if not isinstance(labels, list):
+        raise DataFormatError(f"{path}: labels are a {type(labels).__name__}; expected a list of integers")
+    for i, v in enumerate(labels):             # before any conversion: a float is not truncated, 2**70 not wrapped
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise DataFormatError(f"{path}: label {v!r} at index {i} is not an integer")
+        if not 0 <= v <= 9:
+            raise DataFormatError(f"{path}: label {v} at index {i} is outside 0..9")
+    y = np.asarray(labels, dtype=np.int64)
     if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072 or y.shape != (len(x),):
         raise DataFormatError(f"{path}: data {x.dtype} {x.shape}, labels {y.shape}; expected uint8 (N, 3072), (N,)")
-    bad = np.flatnonzero((y < 0) | (y > 9))
-    if len(bad):
-        raise DataFormatError(f"{path}: label {int(y[bad[0]])} at index {int(bad[0])} is outside 0..9")
     return x.reshape(-1, 3, 32, 32), y                         # planar RGB -> (N, 3, 32, 32)
 
 
