@@ -9,7 +9,7 @@ from gait_ref.data.idx import DataFormatError
 
 from .common import PrepError
 from .downsampled import pack_downsampled
-from .imagenet_tree import RESIZES, pack_tree
+from .imagenet_tree import MAX_SIZE, RESIZES, pack_tree
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -20,7 +20,7 @@ def cli():
 @cli.command()
 @click.argument("src", type=click.Path())
 @click.argument("dst", type=click.Path())
-@click.option("--size", default=64, show_default=True, type=click.IntRange(min=1), help="Output side in pixels.")
+@click.option("--size", default=64, show_default=True, type=click.IntRange(1, MAX_SIZE), help="Output side in pixels.")
 @click.option("--resize", default="center-crop", show_default=True, type=click.Choice(RESIZES))
 @click.option("--shard-size", default=1024, show_default=True, type=click.IntRange(min=1))
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=1))

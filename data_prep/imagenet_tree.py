@@ -14,13 +14,18 @@ Resize (``--resize``):
   box          resize the whole image to S x S with PIL's box filter, ignoring the
                aspect ratio, as Chrabaszcz et al. (2017) made downsampled ImageNet.
 Grayscale, CMYK, palette or alpha images are converted to RGB and reported (16-bit
-images are scaled to 8 bits first, not clipped); unreadable, corrupt or truncated files
-and broken symbolic links are skipped and reported.
+images are scaled to 8 bits first, not clipped, a block of rows at a time); unreadable,
+corrupt or truncated files and broken symbolic links are skipped and reported, and so is
+an image of more than ``MAX_IMAGE_PIXELS`` pixels (a decompression bomb: a small file
+that decodes to gigabytes; ImageNet's largest images have about 10^7). ``--size`` is at
+most ``MAX_SIZE`` and a shard, held in memory while it is packed, at most
+``MAX_SHARD_BYTES``.
 """
 from __future__ import annotations
 
 import csv
 import re
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -32,20 +37,26 @@ from .common import (PrepError, assemble_manifest, finished, inputs_digest, pack
 
 EXTS = {".jpeg", ".jpg", ".png"}
 RESIZES = ("center-crop", "box")
+MAX_IMAGE_PIXELS = 1 << 26        # 67 Mpx (PIL's default is 89 Mpx, with a warning only up to twice that)
+MAX_SIZE = 2048                   # --size
+MAX_SHARD_BYTES = 4 << 30         # a shard's images in memory while packed
+SCALE_ROWS = 64                   # rows of a 16-bit image scaled at once
 __all__ = ["PrepError", "pack_tree", "load_image", "RESIZES"]
 
 
 def load_image(path, size: int, resize: str):
     """(uint8 (S, S, 3) array or None, report dict or None) for one file."""
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)     # a skip, not a warning
+            im_file = Image.open(path)
+        with im_file as im:
             im.load()
             mode = im.mode
             note = None
             if mode.startswith("I;16") or mode == "I":      # 16-bit (or 32-bit int) gray: scale, don't clip
-                a = np.asarray(im).astype(np.float64)
-                top = 65535.0 if mode.startswith("I;16") or a.max() <= 65535 else float(a.max())
-                im = Image.fromarray(np.clip(np.round(a * (255.0 / top)), 0, 255).astype(np.uint8), "L")
+                im = Image.fromarray(_to_8_bits(np.asarray(im), mode), "L")
                 note = {"kind": "converted", "file": str(path),
                         "reason": f"mode {mode} scaled to 8 bits and converted to RGB"}
                 im = im.convert("RGB")
@@ -56,6 +67,16 @@ def load_image(path, size: int, resize: str):
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
         return None, {"kind": "skipped", "file": str(path), "reason": f"{type(e).__name__}: {e}"}
     return out, note
+
+
+def _to_8_bits(a: np.ndarray, mode: str) -> np.ndarray:
+    """A 16-bit (or 32-bit int) gray image scaled to 0..255 (rounded, not clipped at 255),
+    ``SCALE_ROWS`` rows at a time: float64 temporaries of a block, not of the image."""
+    top = 65535.0 if mode.startswith("I;16") or a.max() <= 65535 else float(a.max())
+    out = np.empty(a.shape, np.uint8)
+    for r in range(0, len(a), SCALE_ROWS):
+        out[r:r + SCALE_ROWS] = np.clip(np.round(a[r:r + SCALE_ROWS] * (255.0 / top)), 0, 255)
+    return out
 
 
 def resize_image(im: Image.Image, size: int, resize: str) -> np.ndarray:
@@ -171,6 +192,11 @@ def pack_tree(src, dst, size=64, resize="center-crop", shard_size=1024, workers=
     src, dst = Path(src), Path(dst)
     if resize not in RESIZES:
         raise PrepError(f"--resize must be one of {RESIZES}, got {resize!r}")
+    if not 1 <= size <= MAX_SIZE:
+        raise PrepError(f"--size must be in 1..{MAX_SIZE}, got {size}")
+    if shard_size * size * size * 3 > MAX_SHARD_BYTES:
+        raise PrepError(f"--shard-size {shard_size} at --size {size} holds {shard_size * size * size * 3 / 2**30:.1f} "
+                        f"GiB of images in memory per worker (at most {MAX_SHARD_BYTES / 2**30:.0f}): lower --shard-size")
     if not src.is_dir():
         raise PrepError(f"{src}: source folder not found")
     listing = []
