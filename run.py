@@ -133,6 +133,9 @@ def _read_config_file(path: str) -> dict:
 @click.option("--force-unlock", is_flag=True, default=None,
               help="Take over OUT's lock although its record names a live run or another host (after checking "
                    "that run has ended: its lock may be invisible from here, e.g. another mount of the folder).")
+@click.option("--verify-data", type=click.Choice(["cached", "always"]),
+              help="Shard verification: cached (re-hash only shards whose size, mtime or inode changed; default) "
+                   "or always (re-hash every shard at every start).")
 @click.option("--allow-config-change", help="--resume: accept these changed options that alter the result "
               "(comma-separated, e.g. lr,batch-size); recorded in metrics.jsonl and config.json.")
 @click.option("--angles-every", type=click.IntRange(min=0), help="Measure angles to BP every N steps.")

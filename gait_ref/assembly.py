@@ -110,7 +110,10 @@ def assemble(cfg: Config, comm=LOCAL) -> Run:
     if comm.size > 1:
         check_ranks_agree(cfg, comm, data)
     step = build_step(cfg, data.in_shape, data.n_classes, xp, comm)
-    folder = RunFolder.open(cfg.out, comm, cfg.to_dict(), cfg.allow_config_change, cfg.quiet, cfg.force_unlock)
+    # the checkpoint records the data's digest beside the options: resuming on other data is a
+    # change of the result (--allow-config-change data-digest), a moved folder is not
+    folder = RunFolder.open(cfg.out, comm, {**cfg.to_dict(), "data_digest": data_digest(data)},
+                            cfg.allow_config_change, cfg.quiet, cfg.force_unlock)
     plan = LoopPlan.of(cfg, data.source, data.train_loader.batches_per_epoch(), comm.size)
     return Run(xp, data, step, folder, plan, describe(cfg, comm, xp, data, step.net),
                lambda stop_requested: verify_shards(cfg, comm, data, stop_requested))
@@ -204,15 +207,17 @@ def build_step(cfg: Config, in_shape, n_classes: int, xp=np, comm=LOCAL) -> Trai
 
 
 def verify_shards(cfg: Config, comm, data: RunData, stop_requested=lambda: 0) -> None:
-    """Verify every shard the run will read before the first step (cached: in the run
-    folder, or the data cache without --out). Rank 0 hashes; the others read its cache.
+    """Verify every shard the run will read before the first step. With --out the result is
+    cached in the run folder (``--verify-data always``: re-hash every shard, every start);
+    without, nothing is cached, so no run trusts another's verification. Rank 0 hashes;
+    the others read its cache (or hash too, without one).
     ``stop_requested()`` (a signal number, 0 for none) is asked between shards: a stop
     signal ends the verification at the next shard, keeps what was verified in the cache,
     and ends the run with StopRequested on every rank."""
     from pathlib import Path
-
-    from .data.packaged import cache_dir
-    cache = Path(cfg.out) / "shard_verification.json" if cfg.out else cache_dir() / "shard-verification.json"
+    cache = Path(cfg.out) / "shard_verification.json" if cfg.out else None
+    if cfg.verify_data == "always" and cache is not None and comm.is_root:
+        cache.unlink(missing_ok=True)                   # nothing verified before is trusted
     for found in (data.train_set, data.eval_set):                    # (the val set is in train's)
         while hasattr(found, "data") and not hasattr(found, "verify"):   # subsets: the set underneath
             found = found.data
@@ -226,7 +231,7 @@ def verify_shards(cfg: Config, comm, data: RunData, stop_requested=lambda: 0) ->
                                     f"first step: {len(found.verified)} of {len(found.entries)} {found.split} shards "
                                     "verified (kept in the cache); start again to go on", signum)
             if not comm.is_root:
-                found.verify(cache, quiet=True)     # reads rank 0's cache: no re-hashing
+                found.verify(cache, quiet=True)     # reads rank 0's cache: no re-hashing (with a cache)
 
 
 def describe(cfg: Config, comm, xp, data: RunData, net) -> dict:

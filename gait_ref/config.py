@@ -186,6 +186,7 @@ class Config:
     in_memory: str | None = None
     overwrite: bool = False
     force_unlock: bool = False
+    verify_data: str = "cached"
     allow_config_change: list | str | None = None
     distributed: str = "none"
     comm_timeout: float = 600.0
@@ -312,6 +313,7 @@ OPTION_RULES = {
     "in_memory": _choice("host", "device"),
     "overwrite": (bool, lambda v: True, "true or false"),
     "force_unlock": (bool, lambda v: True, "true or false"),
+    "verify_data": _choice("cached", "always"),
     "distributed": _choice("none", "mpi"),
     "comm_timeout": _positive(),
 }
@@ -320,7 +322,7 @@ PER_LAYER = ("dtp_sigma", "feedback_lr", "ldrl_iters")
 # Options that do not change what a run computes: a resumed run may change them freely.
 # (epochs may grow too, unless the learning rate schedule depends on it: see config_changes.)
 RESULT_NEUTRAL = {"quiet", "log_every", "max_steps", "checkpoint_every", "angles_every", "cond_every", "out",
-                  "resume", "overwrite", "force_unlock", "allow_config_change", "data", "loader_workers", "in_memory",
+                  "resume", "overwrite", "force_unlock", "verify_data", "allow_config_change", "data", "loader_workers", "in_memory",
                   "comm_timeout", "distributed"}
 
 
@@ -335,6 +337,8 @@ def config_changes(old: dict, new: dict) -> tuple[dict, dict]:
     old = {**ADDED_LATER, **old} if old else old
     for k in sorted(set(old) | set(new)):
         if k == "extra" or old.get(k) == new.get(k):      # 'extra': an empty field of older configurations
+            continue
+        if k == "data_digest" and k not in old:         # checkpoints from before it was recorded
             continue
         change = [old.get(k), new.get(k)]
         grows = k == "epochs" and None not in change and change[1] > change[0] and new.get("lr_schedule") == "constant"

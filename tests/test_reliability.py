@@ -319,6 +319,63 @@ def test_a_corrupt_val_shard_stops_the_run_before_its_first_step(tmp_path):
     assert not (out / "metrics.jsonl").exists() or records(out) == []
 
 
+def test_a_shard_changed_during_the_run_stops_it_at_the_next_epoch(tmp_path):
+    """A shard overwritten with random bytes (same size) while the run has it open was read
+    as it then was, and the run ended with status 0; now every epoch checks every verified
+    shard's size, modification time and inode, and the run stops naming the shard."""
+    make_shards(tmp_path / "d", n_train=32, n_val=16, size=8, per_shard=8)
+    shard = tmp_path / "d" / "train-00001.h5"
+    t = Trainer(Config(task="imagenet", data=str(tmp_path / "d"), arch="mlp-64x1", rule="bp", batch_size=8, epochs=3,
+                       quiet=True, out=str(tmp_path / "r")))
+
+    def overwrite(step, logged):
+        if step == 4:                                              # epoch 0's last step: every shard is open
+            shard.write_bytes(np.random.default_rng(0).integers(0, 256, shard.stat().st_size, np.uint8).tobytes())
+    with pytest.raises(DataFormatError, match=r"train-00001.h5: modified during the run"):
+        t.run(on_step=overwrite)
+    assert max(r["epoch"] for r in records(tmp_path / "r")) == 1                   # epoch 1 never trained
+
+
+def test_the_verification_cache_trusts_size_mtime_and_inode_and_always_rehashes_on_request(tmp_path):
+    """What the cache trusts, shown: a shard rewritten in place to the same size with its
+    modification time put back passes a cached start; --verify-data always catches it. A
+    run without --out caches nothing, so no run trusts another's verification."""
+    from gait_ref.data.packaged import cache_dir
+    make_shards(tmp_path / "d", n_train=32, n_val=16, size=8, per_shard=8)
+    args = ["--task", "imagenet", "--data", tmp_path / "d", "--arch", "mlp-64x1", "--rule", "bp", "--batch-size", 8]
+    global_cache = cache_dir() / "shard-verification.json"
+    before = global_cache.stat().st_mtime_ns if global_cache.exists() else None
+    assert run_cli(*args, "--max-steps", 2).exit_code == 0
+    assert (global_cache.stat().st_mtime_ns if global_cache.exists() else None) == before
+    out = tmp_path / "r"
+    assert run_cli(*args, "--max-steps", 2, "--out", out).exit_code == 0
+    shard = tmp_path / "d" / "train-00002.h5"
+    st = shard.stat()
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 1
+    with open(shard, "r+b") as f:                                  # in place: the same inode
+        f.write(bytes(raw))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert run_cli(*args, "--max-steps", 3, "--out", out, "--resume").exit_code == 0        # trusted, as documented
+    res = run_cli(*args, "--max-steps", 4, "--out", out, "--resume", "--verify-data", "always")
+    one_line_error(res, "train-00002.h5: checksum mismatch")
+
+
+def test_resuming_on_other_data_is_a_change_of_the_result_but_a_moved_folder_is_not(tmp_path):
+    """The checkpoint records the data's digest: --resume --data OTHER (same image shape)
+    continued silently on another data set; now it is refused like a changed option. The
+    same data in another folder resumes."""
+    import shutil
+    make_shards(tmp_path / "a", n_train=32, n_val=16, size=8, per_shard=8, seed=0)
+    make_shards(tmp_path / "b", n_train=32, n_val=16, size=8, per_shard=8, seed=1)
+    shutil.copytree(tmp_path / "a", tmp_path / "moved")
+    args = ["--task", "imagenet", "--arch", "mlp-64x1", "--rule", "bp", "--batch-size", 8, "--out", tmp_path / "r"]
+    assert run_cli(*args, "--data", tmp_path / "a", "--max-steps", 2).exit_code == 0
+    res = run_cli(*args, "--data", tmp_path / "b", "--max-steps", 4, "--resume")
+    one_line_error(res, "--data-digest", "--allow-config-change data-digest")
+    assert run_cli(*args, "--data", tmp_path / "moved", "--max-steps", 4, "--resume").exit_code == 0
+
+
 def test_the_epoch_is_saved_before_it_is_evaluated(tmp_path, monkeypatch):
     """An evaluation that fails (bad val data, a kill) does not lose the epoch: the checkpoint
     is written first, and --resume evaluates, then goes on as an uninterrupted run."""

@@ -313,6 +313,9 @@ class BatchLoader:
         self._std = None if std is None else to_device(np.asarray(std, self.dtype).reshape(shape), xp)
         self.in_memory, self.workers, self.quiet = in_memory, int(workers), quiet
         self.reader, self._device_data = None, None    # set up at the first epoch (after verification)
+        self._shards = data
+        while self._shards is not None and not hasattr(self._shards, "check_unchanged"):   # subsets: the set below
+            self._shards = getattr(self._shards, "data", None)
         self._pinned, self._copy_stream = [], None
 
     def _setup(self):
@@ -433,6 +436,8 @@ class BatchLoader:
         """Yield (batch index, x, y) for ``epoch`` from batch ``start``: this rank's rows."""
         if self.reader is None and self._device_data is None:
             self._setup()
+        if self._shards is not None and self.in_memory is None:       # read from the files: still as verified
+            self._shards.check_unchanged()
         if self._device_data is not None:
             yield from self._device_epoch(epoch, start)
             return

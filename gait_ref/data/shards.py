@@ -12,10 +12,13 @@ were resized. Shards are written to a temporary name and renamed into place, so 
 shard file that exists is complete.
 
 Reading (``ShardSet``): ``verify()`` checks every shard of a split once, before training
-(size, SHA-256, labels in range), and caches what it verified keyed by each file's size
-and modification time, so a restart re-hashes only what changed. Reads keep a bounded
-LRU of open files (ImageNet at 1024 images a shard is 1,301 files, more than a common
-``ulimit -n`` of 1024) and refuse a shard that changed since it was verified.
+(size, SHA-256, labels in range), and caches what it verified keyed by each file's size,
+modification time and inode, so a restart re-hashes only what changed. The cache trusts
+those three: a file rewritten in place to the same size with its modification time put
+back is not re-hashed (``--verify-data always`` re-hashes every shard at every start).
+Reads keep a bounded LRU of open files (ImageNet at 1024 images a shard is 1,301 files,
+more than a common ``ulimit -n`` of 1024) and refuse a shard that changed since it was
+verified: when it is opened, and at every epoch for every shard (``check_unchanged``).
 """
 from __future__ import annotations
 
@@ -93,7 +96,7 @@ def read_manifest(root) -> dict:
 
 def _stat_key(path: Path):
     st = path.stat()
-    return st.st_size, st.st_mtime_ns
+    return st.st_size, st.st_mtime_ns, st.st_ino
 
 
 class ShardSet:
@@ -115,7 +118,7 @@ class ShardSet:
         self.in_shape = (C, H, W)
         self.classes = self.manifest["classes"]
         self.n_classes = len(self.classes)
-        self.verified = {}            # file -> (size, mtime_ns) checked by verify()
+        self.verified = {}            # file -> (size, mtime_ns, inode) checked by verify()
         self._files: OrderedDict = OrderedDict()
 
     def __len__(self):
@@ -238,6 +241,20 @@ class ShardSet:
 
     def open_files(self) -> int:
         return len(self._files)
+
+    def check_unchanged(self) -> None:
+        """DataFormatError naming the first verified shard whose size, modification time or
+        inode changed since its verification (the loader asks at every epoch: a shard
+        already open would otherwise be read as it now is, silently)."""
+        for name, key in self.verified.items():
+            path = self.root / name
+            try:
+                now = _stat_key(path)
+            except FileNotFoundError:
+                raise DataFormatError(f"shard {path}: deleted during the run") from None
+            if now != tuple(key):
+                raise DataFormatError(f"shard {path}: modified during the run (since it was verified); the run "
+                                      "stops rather than read it. Check the data, then --resume")
 
     def read(self, idx: np.ndarray):
         """Images and labels of ``idx``, in its order: images (len(idx), C, H, W) uint8 as a
