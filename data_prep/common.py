@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -27,7 +28,9 @@ class PrepError(ValueError):
     pass
 
 
-OUTPUTS = ("*.h5", "*.h5.json", "*.h5.tmp", "*.json.tmp", "manifest.json", "prep_log.txt", "prep_options.json")
+# what a packer writes, and so what --overwrite may delete: shards are <split>-NNNNN.h5 (a run
+# folder's checkpoints, last.h5 and the like, are not)
+OUTPUTS = re.compile(r"^([a-z]+-\d{5}\.h5(\.json)?|manifest\.json|prep_log\.txt|prep_options\.json)(\.tmp)?$")
 
 
 def inputs_digest(items) -> str:
@@ -53,11 +56,17 @@ def prepare_destination(dst: Path, options: dict, overwrite: bool) -> None:
         raise PrepError(f"{dst}: cannot write there ({e.strerror or e})") from None
     record = dst / "prep_options.json"
     if overwrite:
-        for pattern in OUTPUTS:
-            for f in dst.glob(pattern):
+        for f in dst.iterdir():
+            if f.is_file() and OUTPUTS.match(f.name):
                 f.unlink()
     elif record.exists():
-        old = json.loads(record.read_text())
+        try:
+            old = json.loads(record.read_text())
+            if not isinstance(old, dict):
+                raise ValueError(f"a {type(old).__name__}, not an object")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise PrepError(f"{record}: unreadable ({' '.join(str(e).split())[:120]}); pass --overwrite to pack "
+                            "again") from None
         diff = [f"{k} {old.get(k)!r} -> {options.get(k)!r}" for k in sorted(set(old) | set(options))
                 if old.get(k) != options.get(k)]
         if diff:
@@ -84,6 +93,7 @@ def shard_done(dst: Path, shard_name: str) -> bool:
     path = dst / shard_name
     ok = entry is None or (isinstance(entry, dict) and path.exists() and path.stat().st_size == entry["bytes"]
                            and sha256_file(path) == entry["sha256"])
+    ok = ok and sources_unchanged(json.loads(side.read_text()).get("sources", {}))
     if not ok:
         side.unlink()
     return ok
@@ -96,20 +106,40 @@ def finished(dst: Path, names, workers: int) -> set:
         return {n for n, done in zip(names, pool.map(lambda n: shard_done(dst, n), names)) if done}
 
 
+def source_stats(paths) -> dict:
+    """{path: [size, mtime_ns]} of the files a shard is packed from (a missing one: None)."""
+    out = {}
+    for p in paths:
+        try:
+            st = os.stat(p)
+            out[str(p)] = [st.st_size, st.st_mtime_ns]
+        except OSError:
+            out[str(p)] = None
+    return out
+
+
+def sources_unchanged(recorded: dict) -> bool:
+    """Whether the files a shard was packed from are still as they were (a source replaced
+    under the same name makes a rerun pack its shard again)."""
+    return source_stats(recorded) == recorded
+
+
 def sidecar(dst: Path, shard_name: str) -> Path:
     return dst / f"{shard_name}.json"
 
 
-def write_sidecar(dst: Path, shard_name: str, entry: dict, report: list) -> None:
+def write_sidecar(dst: Path, shard_name: str, entry: dict, report: list, sources: dict) -> None:
     path = sidecar(dst, shard_name)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"entry": entry, "report": report}))
+    tmp.write_text(json.dumps({"entry": entry, "report": report, "sources": sources}))
     os.replace(tmp, path)
 
 
-def pack_shard(dst: Path, shard_name: str, images, labels, report, compression) -> dict:
+def pack_shard(dst: Path, shard_name: str, images, labels, report, compression, sources: dict) -> dict:
+    """Write a shard and its sidecar; ``sources`` (``source_stats`` of the files read, taken
+    before reading them) lets a rerun notice a source replaced under the same name."""
     entry = write_shard(dst / shard_name, images, labels, compression=compression) if len(images) else None
-    write_sidecar(dst, shard_name, entry, report)
+    write_sidecar(dst, shard_name, entry, report, sources)
     return {"entry": entry, "report": report}
 
 
@@ -148,9 +178,15 @@ def assemble_manifest(dst: Path, split_shards: dict, image_shape, classes, extra
     return {"manifest": manifest, "report": report}
 
 
+def _one_line(text) -> str:
+    """A field of prep_log.txt: backslashes, tabs and line breaks escaped, so a file name
+    cannot forge a record."""
+    return str(text).replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
 def write_report(dst: Path, report: list, quiet: bool) -> None:
     """prep_log.txt: one line per reported input; a summary on stdout."""
-    lines = [f"{r['kind']}\t{r['file']}\t{r['reason']}" for r in report]
+    lines = [f"{r['kind']}\t{_one_line(r['file'])}\t{_one_line(r['reason'])}" for r in report]
     tmp = dst / "prep_log.txt.tmp"
     tmp.write_text("\n".join(lines) + ("\n" if lines else ""))
     os.replace(tmp, dst / "prep_log.txt")

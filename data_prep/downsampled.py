@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from gait_ref.data import safe_pickle
+from gait_ref.data.cifar import integer_labels
 from gait_ref.data.idx import DataFormatError
 
 from .common import (PrepError, assemble_manifest, finished, inputs_digest, pack_shard, prepare_destination,
-                     run_jobs, write_report)
+                     run_jobs, source_stats, write_report)
 
 
 def read_batch(path: Path):
@@ -27,7 +28,7 @@ def read_batch(path: Path):
     try:
         d = safe_pickle.load(path)                  # an allow-list: a crafted pickle cannot run code
         x = np.asarray(d["data"])
-        y = np.asarray(d["labels"], np.int64)
+        y = integer_labels(d["labels"], path, 1, 1000)
     except DataFormatError as e:
         raise PrepError(str(e)) from None
     except (KeyError, ValueError, TypeError) as e:
@@ -37,15 +38,14 @@ def read_batch(path: Path):
     S = math.isqrt(x.shape[1] // 3) if x.ndim == 2 else 0
     if x.ndim != 2 or 3 * S * S != x.shape[1] or len(y) != len(x):
         raise PrepError(f"{path}: data {x.shape}, labels {y.shape}; expected (N, 3*S*S) and (N,)")
-    if y.min() < 1 or y.max() > 1000:
-        raise PrepError(f"{path}: labels span {y.min()}..{y.max()}, expected 1..1000")
     return x.reshape(-1, 3, S, S).transpose(0, 2, 3, 1), y - 1        # planar -> NHWC, 0-based
 
 
 def _pack_job(job, dst, compression):
     name, path, lo, hi = job
+    sources = source_stats([path])
     x, y = read_batch(Path(path))
-    return pack_shard(dst, name, np.ascontiguousarray(x[lo:hi]), y[lo:hi], [], compression)
+    return pack_shard(dst, name, np.ascontiguousarray(x[lo:hi]), y[lo:hi], [], compression, sources)
 
 
 def pack_downsampled(src, dst, shard_size=10000, workers=2, compression=None, quiet=False,

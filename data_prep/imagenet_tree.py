@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from .common import (PrepError, assemble_manifest, finished, inputs_digest, pack_shard, prepare_destination,
-                     run_jobs, write_report)
+                     run_jobs, source_stats, write_report)
 
 EXTS = {".jpeg", ".jpg", ".png"}
 RESIZES = ("center-crop", "box")
@@ -175,6 +175,7 @@ def list_items(src: Path, val_labels=None, report=None):
 
 def _pack_job(job, dst, size, resize, compression):
     shard_name, chunk = job
+    sources = source_stats(path for path, _ in chunk)
     images, labels, report = [], [], []
     for path, label in chunk:
         arr, note = load_image(path, size, resize)
@@ -184,7 +185,7 @@ def _pack_job(job, dst, size, resize, compression):
             images.append(arr)
             labels.append(label)
     x = np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
-    return pack_shard(dst, shard_name, x, np.asarray(labels, np.int64), report, compression)
+    return pack_shard(dst, shard_name, x, np.asarray(labels, np.int64), report, compression, sources)
 
 
 def pack_tree(src, dst, size=64, resize="center-crop", shard_size=1024, workers=2, compression=None,

@@ -247,3 +247,47 @@ def test_size_and_shard_memory_are_bounded(tmp_path):
     assert res.exit_code == 2 and "--size" in res.output and "Traceback" not in res.output
     with pytest.raises(PrepError, match=r"--shard-size 1024 at --size 2048 holds 12.0 GiB .* lower --shard-size"):
         pack_tree(src, tmp_path / "d", size=2048, shard_size=1024, workers=1, quiet=True)
+
+
+def test_a_rerun_notices_a_source_replaced_under_the_same_name(tmp_path):
+    """A finished shard is skipped on a rerun only while the files it was packed from are as
+    they were: a source image replaced under the same name makes its shard packed again."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    make_tree(src)
+    pack_tree(src, dst, size=8, shard_size=2, workers=1, quiet=True)
+    before = {p.name: sha256_file(p) for p in dst.glob("train-*.h5")}
+    a = src / "train" / "n02000001" / "a.JPEG"
+    Image.fromarray(np.full((30, 40, 3), 200, np.uint8)).save(a, quality=90)
+    pack_tree(src, dst, size=8, shard_size=2, workers=1, quiet=True)
+    after = {p.name: sha256_file(p) for p in dst.glob("train-*.h5")}
+    changed = [n for n in before if before[n] != after[n]]
+    assert len(changed) == 1, changed                          # a.JPEG's shard, and only it
+
+
+def test_overwrite_deletes_only_what_a_packer_wrote_and_a_corrupt_record_is_one_line(tmp_path):
+    """--overwrite used to delete every *.h5 in the destination: a run folder's checkpoints
+    there went with the shards. A damaged prep_options.json was a traceback."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    make_tree(src)
+    pack_tree(src, dst, size=8, workers=1, quiet=True)
+    for keep in ("last.h5", "last.prev.h5", "notes.txt"):
+        (dst / keep).write_text("mine")
+    (dst / "prep_options.json").write_text("{not json")
+    res = CliRunner().invoke(cli, ["imagenet", str(src), str(dst), "--size", "8", "--quiet"])
+    assert res.exit_code == 2 and "prep_options.json: unreadable" in res.output and "--overwrite" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    pack_tree(src, dst, size=8, workers=1, quiet=True, overwrite=True)
+    assert all((dst / keep).read_text() == "mine" for keep in ("last.h5", "last.prev.h5", "notes.txt"))
+    assert ShardSet(dst, "train").verify() > 0
+
+
+def test_a_file_name_cannot_forge_a_log_record(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    make_tree(src)
+    forged = src / "train" / "n02000001" / "x\nskipped\tforged\tnot a record.JPEG"
+    forged.write_bytes(b"not an image")
+    pack_tree(src, dst, size=8, workers=1, quiet=True)
+    lines = (dst / "prep_log.txt").read_text().splitlines()
+    assert all(line.split("\t")[0] in ("skipped", "converted") and len(line.split("\t")) == 3 for line in lines)
+    assert not any(line.startswith("skipped\tforged") for line in lines)
+    assert any("x\\nskipped\\tforged\\tnot a record.JPEG" in line for line in lines), lines

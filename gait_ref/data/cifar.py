@@ -24,6 +24,21 @@ def find_cifar_dir(root) -> Path:
         "(the python version from https://www.cs.toronto.edu/~kriz/cifar.html)")
 
 
+def integer_labels(labels, path, lo: int, hi: int) -> np.ndarray:
+    """A pickle's labels as int64, each checked to be an integer in lo..hi before any
+    conversion (a float would be truncated silently, 2**70 overflow); DataFormatError naming
+    the file, the label and its index."""
+    labels = labels.tolist() if isinstance(labels, np.ndarray) else labels
+    if not isinstance(labels, list):
+        raise DataFormatError(f"{path}: labels are a {type(labels).__name__}; expected a list of integers")
+    for i, v in enumerate(labels):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise DataFormatError(f"{path}: label {v!r} at index {i} is not an integer")
+        if not lo <= v <= hi:
+            raise DataFormatError(f"{path}: label {v} at index {i} is outside {lo}..{hi}")
+    return np.asarray(labels, dtype=np.int64)
+
+
 def _read_batch(path: Path):
     if not path.exists():
         raise DataFormatError(f"{path}: missing CIFAR-10 batch file")
@@ -33,15 +48,7 @@ def _read_batch(path: Path):
         labels = d[b"labels"]
     except (KeyError, ValueError, TypeError) as e:  # missing keys
         raise DataFormatError(f"{path}: not a CIFAR-10 python batch ({type(e).__name__}: {e})") from None
-    labels = labels.tolist() if isinstance(labels, np.ndarray) else labels
-    if not isinstance(labels, list):
-        raise DataFormatError(f"{path}: labels are a {type(labels).__name__}; expected a list of integers")
-    for i, v in enumerate(labels):             # before any conversion: a float is not truncated, 2**70 not wrapped
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-            raise DataFormatError(f"{path}: label {v!r} at index {i} is not an integer")
-        if not 0 <= v <= 9:
-            raise DataFormatError(f"{path}: label {v} at index {i} is outside 0..9")
-    y = np.asarray(labels, dtype=np.int64)
+    y = integer_labels(labels, path, 0, 9)
     if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072 or y.shape != (len(x),):
         raise DataFormatError(f"{path}: data {x.dtype} {x.shape}, labels {y.shape}; expected uint8 (N, 3072), (N,)")
     return x.reshape(-1, 3, 32, 32), y                         # planar RGB -> (N, 3, 32, 32)
