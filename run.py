@@ -46,17 +46,28 @@ class PerLayer(click.ParamType):
 
 def _read_config_file(path: str) -> dict:
     p = Path(path)
-    text = p.read_text()
-    if p.suffix == ".toml":
-        import tomllib
-        return tomllib.loads(text)
-    if p.suffix in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError:
-            raise click.UsageError(f"{path}: reading YAML needs PyYAML (pip install pyyaml); or use TOML") from None
-        return yaml.safe_load(text) or {}
-    raise click.UsageError(f"{path}: config files must be .toml, .yaml or .yml")
+    if p.suffix not in (".toml", ".yaml", ".yml"):
+        raise click.UsageError(f"{path}: config files must be .toml, .yaml or .yml")
+    try:
+        text = p.read_text(encoding="utf-8")
+        if p.suffix == ".toml":
+            import tomllib
+            values = tomllib.loads(text)
+        else:
+            try:
+                import yaml
+            except ImportError:
+                raise click.UsageError(f"{path}: reading YAML needs PyYAML (pip install pyyaml); or use TOML") from None
+            values = yaml.safe_load(text) or {}
+    except click.UsageError:
+        raise
+    except UnicodeDecodeError as e:
+        raise click.UsageError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except Exception as e:            # tomllib.TOMLDecodeError, yaml.YAMLError: the parser's own words
+        raise click.UsageError(f"{path}: not valid {p.suffix[1:].upper()} ({' '.join(str(e).split())[:160]})") from None
+    if not isinstance(values, dict):
+        raise click.UsageError(f"{path}: holds a {type(values).__name__}, expected option = value pairs")
+    return values
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -26,6 +26,8 @@ import math
 import re
 from dataclasses import dataclass
 
+import numpy as np
+
 TASK_DEFAULT_ARCH = {"mnist": "mlp-784x4", "fashion-mnist": "mlp-784x4", "kmnist": "mlp-784x4",
                      "cifar10": "mlp-shallow", "imagenet": "conv7", "imagenet32": "conv7",
                      "synthetic": "mlp-64x2"}
@@ -224,6 +226,12 @@ class Config:
                            isinstance(x, str))
                 if not ok_type or (kind is float and not math.isfinite(x)) or not check(x):
                     raise ValueError(f"--{f.name.replace('_', '-')} must be {want}, got {x!r}")
+                if kind is float and self.dtype == "float32" and f.name not in HOST_FLOATS and x != 0:
+                    with np.errstate(over="ignore"):
+                        x32 = float(np.float32(x))
+                    if not 0 < abs(x32) < math.inf:
+                        raise ValueError(f"--{f.name.replace('_', '-')} {x!r} is {x32!r} in float32, the precision "
+                                         "this run computes in: choose a value float32 holds, or --dtype float64")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -254,8 +262,14 @@ def _unit(closed_low=True):
 
 
 # (type, check, what the message says it must be) per option; None values (unset) pass.
+MAX_LOADER_WORKERS = 256
+# float options that only set host-side behaviour, never an array's value
+HOST_FLOATS = {"comm_timeout"}
 OPTION_RULES = {
     "task": (str, lambda v: True, "a task name"),
+    "arch": (str, lambda v: bool(v), "an architecture name"),
+    "out": (str, lambda v: bool(v), "a folder"),
+    "data": (str, lambda v: bool(v), "a folder"),
     "backend": _choice("numpy", "cupy", "emulated"),
     "dtype": _choice("float32", "float64"),
     "target_form": _choice("absolute", "difference"),
@@ -309,7 +323,7 @@ OPTION_RULES = {
     "patience": _at_least(0),
     "square_net": (bool, lambda v: True, "true or false"),
     "quiet": (bool, lambda v: True, "true or false"),
-    "loader_workers": _at_least(0),
+    "loader_workers": (int, lambda v: 0 <= v <= MAX_LOADER_WORKERS, f"in 0..{MAX_LOADER_WORKERS}"),
     "in_memory": _choice("host", "device"),
     "overwrite": (bool, lambda v: True, "true or false"),
     "force_unlock": (bool, lambda v: True, "true or false"),

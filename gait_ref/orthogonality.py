@@ -58,13 +58,17 @@ def add_ortho_grads(net, grads, lam: float, form: str = "full") -> None:
 
 
 def orthogonality_report(net) -> dict:
-    """Per square layer: ||W W^T - I||_F / sqrt(D) and the condition number (from the SVD)."""
+    """Per square layer: ||W W^T - I||_F / sqrt(D) and the condition number (from the SVD);
+    weights that are not finite (no SVD exists) report ``finite: False``."""
     out = {}
     for layer in net.layers:
         W = layer.params["W"]
         if not layer.square:
             continue
         Wn = to_numpy(W).astype(np.float64).reshape((-1,) + W.shape[-2:])
+        if not np.isfinite(Wn).all():
+            out[layer.name] = {"ortho_error": float("nan"), "cond": float("inf"), "finite": False}
+            continue
         s = np.linalg.svd(Wn, compute_uv=False)                      # (P, D)
         D = W.shape[-1]
         err = np.sqrt(((s ** 2 - 1) ** 2).sum(axis=-1) / D).max()

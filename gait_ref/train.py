@@ -112,6 +112,8 @@ class Trainer:
             return {}
         rep = orthogonality_report(self.net)
         for name, r in rep.items():
+            if not r.get("finite", True):
+                raise DivergenceError(f"step {self.pos.step}: the weights of layer {name} are not finite")
             if not r["cond"] < self.plan.cond_max:
                 raise DivergenceError(f"step {self.pos.step}: layer {name} is (nearly) singular, condition number "
                                       f"{r['cond']:.3g} > {self.plan.cond_max:g}")

@@ -376,6 +376,48 @@ def test_resuming_on_other_data_is_a_change_of_the_result_but_a_moved_folder_is_
     assert run_cli(*args, "--data", tmp_path / "moved", "--max-steps", 4, "--resume").exit_code == 0
 
 
+def test_non_finite_square_weights_are_named_not_an_svd_failure(tmp_path):
+    """The conditioning check after a failed step ran an SVD of non-finite weights and ended
+    with numpy's 'SVD did not converge', naming no step and no layer."""
+    from gait_ref.train import DivergenceError
+    t = Trainer(Config(task="synthetic", rule="gait", max_steps=1, quiet=True))
+    t.net.layers[1].params["W"][0, 0] = np.nan
+    with pytest.raises(DivergenceError, match=r"^step 0: the weights of layer fc2 are not finite$"):
+        t.check_conditioning()
+
+
+def test_a_checkpoint_replaced_by_a_folder_falls_back(tmp_path):
+    out = tmp_path / "r"
+    assert run_cli(*COMMON, "--max-steps", 4, "--checkpoint-every", 2, "--out", out).exit_code == 0
+    (out / "last.h5").unlink()
+    (out / "last.h5").mkdir()
+    res = run_cli(*COMMON, "--max-steps", 6, "--checkpoint-every", 2, "--out", out, "--resume")
+    assert res.exit_code == 0 and "resuming from the previous checkpoint last.prev.h5" in res.output, res.output
+    assert load_latest(out / "last.h5")[2]["step"] == 6
+
+
+@pytest.mark.parametrize("text,message", [("lr = \n", "not valid TOML"), ("out = 5\n", "--out must be a folder, got 5"),
+                                          ("data = 5\n", "--data must be a folder, got 5")])
+def test_malformed_config_files_are_one_line(tmp_path, text, message):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(text)
+    res = run_cli("--config", cfg, "--task", "synthetic", "--max-steps", 1)
+    assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output, res.output
+    cfg.write_bytes(b"\xff\xfe = 1\n")
+    res = run_cli("--config", cfg, "--task", "synthetic", "--max-steps", 1)
+    assert res.exit_code == 2 and "not UTF-8 text" in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--adam-eps", "1e300"], "--adam-eps 1e+300 is inf in float32"),
+    (["--lr", "1e-50"], "--lr 1e-50 is 0.0 in float32"),
+    (["--loader-workers", "100000"], "--loader-workers must be in 0..256, got 100000")])
+def test_values_a_run_cannot_use_are_refused(args, message):
+    one_line_error(run_cli("--task", "synthetic", *args, "--max-steps", 1), message)
+    if "float32" in message:                                        # float64 holds them
+        assert run_cli("--task", "synthetic", *args, "--dtype", "float64", "--max-steps", 1).exit_code == 0
+
+
 def test_the_epoch_is_saved_before_it_is_evaluated(tmp_path, monkeypatch):
     """An evaluation that fails (bad val data, a kill) does not lose the epoch: the checkpoint
     is written first, and --resume evaluates, then goes on as an uninterrupted run."""
