@@ -35,11 +35,13 @@ NOISE_STREAM = 5      # random_generator key [seed, NOISE_STREAM, step]: learned
 
 
 def topk_correct(logits, labels, k: int):
-    """How many rows have their label among the k largest logits (a 0-d device array)."""
+    """How many rows have their label among the k largest logits (a 0-d device array): the
+    label's rank, the number of logits above the label's, is below k (ties count for the
+    label). Elementwise work and reductions only: CuPy's argpartition ends in
+    unravel_index, which reads the device twice to check its indices (host syncs)."""
     xp = get_xp(logits, labels)
-    k = min(k, logits.shape[1])
-    top = xp.argpartition(-logits, kth=k - 1, axis=1)[:, :k]                 # (N, k)
-    return (top == labels[:, None]).any(axis=1).sum()
+    own = xp.take_along_axis(logits, labels[:, None].astype(xp.int64), axis=1)      # (N, 1)
+    return ((logits > own).sum(axis=1) < k).sum()
 
 
 def target_jumps(jump: dict, batch: BatchSlice) -> dict:

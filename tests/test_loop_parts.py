@@ -196,3 +196,26 @@ def test_replicas_differ_names_the_ranks_whose_weights_differ():
     digest = []
     replicas_differ(type("Spy", (), {"allgather_object": lambda self, d: digest.append(d) or [d]})(), [np.ones(3)])
     assert replicas_differ(Gathered([digest[0], "another"]), [np.ones(3)]) == [2]
+
+
+def test_top_k_counts_by_the_labels_rank_without_reading_the_device(monkeypatch):
+    """Top-1 and top-5 against a naive sort; on the emulated device no read and no
+    argpartition, whose CuPy implementation reads the device twice inside unravel_index
+    (a sync the emulator cannot see, so its use is refused here outright)."""
+    from gait_ref.step import topk_correct
+    rng = np.random.default_rng(0)
+    for k in (1, 5):
+        for _ in range(50):
+            n, c = int(rng.integers(1, 40)), int(rng.integers(1, 20))
+            z, y = rng.standard_normal((n, c)), rng.integers(0, c, n)
+            naive = sum(int(y[i] in np.argsort(-z[i], kind="stable")[:k]) for i in range(n))
+            assert int(topk_correct(z, y, k)) == naive
+    xp = get_backend("emulated")
+    z, y = xp.asarray(rng.standard_normal((64, 1000))), xp.asarray(rng.integers(0, 1000, 64))
+
+    def refused(*args, **kwargs):
+        raise AssertionError("argpartition syncs inside CuPy")
+    monkeypatch.setattr(xp, "argpartition", refused)
+    em.reset_counters()
+    topk_correct(z, y, 5)
+    assert em.reset_counters()["d2h"] == 0
