@@ -202,7 +202,7 @@ def _main(config_file, print_config, **opts):
             from gait_ref.backend import use_device
             from gait_ref.distributed import MPIComm
             comm = MPIComm(cfg.comm_timeout)
-            use_device(cfg.backend, comm.local_rank)        # this rank's GPU, before anything allocates
+            use_device(cfg.backend, comm.local_rank, comm.local_size)   # this rank's GPU, before anything allocates
         Trainer(cfg, comm).run()
     except StopRequested as e:          # every rank stopped after the same step, checkpointed
         if comm.is_root:

@@ -102,14 +102,25 @@ def get_backend(name: str):
     raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 
-def use_device(name: str, local_rank: int) -> str:
-    """Make the GPU of this process (local rank modulo the GPUs on the node) current, before
-    anything allocates on device 0. Returns a description; a no-op off the GPU."""
+def check_gpus_per_node(local_size: int, n_gpus: int) -> None:
+    """BackendError unless each rank on this node can have a GPU of its own: NCCL refuses two
+    ranks on one device, with an unexplained NCCL_ERROR_INVALID_USAGE."""
+    if local_size > n_gpus:
+        raise BackendError(f"{local_size} ranks on this node but {n_gpus} GPU(s) visible to it: each rank needs a "
+                           f"GPU of its own (NCCL refuses two ranks on one device); start at most {n_gpus} ranks per "
+                           "node, or check CUDA_VISIBLE_DEVICES")
+
+
+def use_device(name: str, local_rank: int, local_size: int = 1) -> str:
+    """Make the GPU of this process (GPU number ``local_rank`` on its node) current, before
+    anything allocates on device 0; BackendError when the node has fewer GPUs than ranks.
+    Returns a description; a no-op off the GPU."""
     if name != "cupy" or not cupy_available():
         return "host"
     n = _cupy.cuda.runtime.getDeviceCount()
-    _cupy.cuda.Device(local_rank % n).use()
-    return f"GPU {local_rank % n} of {n}"
+    check_gpus_per_node(local_size, n)
+    _cupy.cuda.Device(local_rank).use()
+    return f"GPU {local_rank} of {n}"
 
 
 def nccl_module(xp):

@@ -27,7 +27,7 @@ import numpy as np
 class LocalComm:
     """One process: every reduction is the identity."""
 
-    rank, size, local_rank = 0, 1, 0
+    rank, size, local_rank, local_size = 0, 1, 0, 1
     name = "local"
 
     @property

@@ -126,8 +126,9 @@ def table_runs(table: str, quick: bool, root: Path) -> dict:
         # early stopping (100 epochs; the test error is still read at the best validation epoch)
         for rule in ("bp", "dtp"):
             runs[f"fc-{rule}-patience100"] = fc(rule, 0, patience=100)
-        for seed in (1, 2):                     # DTP to convergence on three seeds, like with like
-            runs[f"fc-dtp-patience100-seed{seed}"] = fc("dtp", seed, patience=100)
+        for rule in ("bp", "dtp"):              # both to convergence on three seeds, like with like
+            for seed in (1, 2):
+                runs[f"fc-{rule}-patience100-seed{seed}"] = fc(rule, seed, patience=100)
         # the paper's alternating rows: inverses and forward weights in alternate epochs, so
         # twice the epochs and twice the patience (half the epochs leave the forward net as it was)
         for rule in ("dtp", "sdtp"):

@@ -62,3 +62,18 @@ def test_cupy_roundtrip_and_identical_init():
     np.testing.assert_array_equal(nets[0].layers[0].params["W"], nets[1].layers[0].params["W"].get())
     with pytest.raises(BackendError):
         get_xp(np.zeros(3), cupy.zeros(3))
+
+
+def test_a_node_with_fewer_gpus_than_ranks_is_refused_in_one_line():
+    from gait_ref.backend import BackendError, check_gpus_per_node
+    check_gpus_per_node(4, 4)
+    with pytest.raises(BackendError, match=r"^5 ranks on this node but 4 GPU\(s\) visible to it: .* at most 4 ranks"):
+        check_gpus_per_node(5, 4)
+
+
+def test_the_emulated_nccl_id_is_cupy_14s_bytes():
+    from gait_ref.emulation import nccl
+    uid = nccl.get_unique_id()
+    assert isinstance(uid, bytes) and len(uid) == nccl.NCCL_UNIQUE_ID_BYTES
+    with pytest.raises(TypeError, match="unique id must be the 128 bytes"):
+        nccl.NcclCommunicator(1, tuple(range(128)), 0)

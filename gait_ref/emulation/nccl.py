@@ -19,8 +19,12 @@ _DTYPES = {NCCL_FLOAT32: np.float32, NCCL_FLOAT64: np.float64}
 available = True
 
 
-def get_unique_id():
-    return tuple(range(128))
+NCCL_UNIQUE_ID_BYTES = 128
+
+
+def get_unique_id() -> bytes:
+    """CuPy 14's ``get_unique_id`` returns the id's 128 bytes (CuPy 13 returned a tuple of ints)."""
+    return bytes(range(NCCL_UNIQUE_ID_BYTES))
 
 
 def _view(ptr: int, count: int, dtype) -> np.ndarray:
@@ -30,6 +34,9 @@ def _view(ptr: int, count: int, dtype) -> np.ndarray:
 
 class NcclCommunicator:
     def __init__(self, ndev: int, commId, rank: int):
+        if not isinstance(commId, bytes) or len(commId) != NCCL_UNIQUE_ID_BYTES:
+            raise TypeError(f"emulated NCCL: the unique id must be the {NCCL_UNIQUE_ID_BYTES} bytes get_unique_id "
+                            f"returns (CuPy 14), got {type(commId).__name__}")
         from mpi4py import MPI
         self._comm = MPI.COMM_WORLD
         if self._comm.Get_size() != ndev or self._comm.Get_rank() != rank:
