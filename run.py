@@ -154,6 +154,8 @@ def _read_config_file(path: str) -> dict:
               help="Also checkpoint every N steps (default 0: at every epoch's end and at a --max-steps stop only).")
 @click.option("--log-every", type=click.IntRange(min=1), help="Train metrics every N steps.")
 @click.option("--eval-subset", type=click.IntRange(min=0), help="Evaluate on the first N test images only.")
+@click.option("--eval-batch-size", type=click.IntRange(min=1),
+              help="Images per evaluation batch (default 1000; lower it if evaluation runs out of device memory).")
 @click.option("--train-subset", type=click.IntRange(min=0), help="Train on the first N images only.")
 @click.option("--val-holdout", type=click.IntRange(min=0),
               help="Hold out the last N training images as a validation set, evaluated every epoch.")

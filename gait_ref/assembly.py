@@ -28,7 +28,6 @@ from .runfolder import RunFolder
 from .step import TrainStep
 from .stopping import StopRequested
 
-EVAL_BATCH = 1000          # images per evaluation batch (fewer when the set is smaller)
 
 
 @dataclass(frozen=True)
@@ -169,10 +168,10 @@ def load_data(cfg: Config, xp, comm=LOCAL) -> RunData:
     train_loader = BatchLoader(train, cfg.batch_size, xp, dtype, shuffle=True, seed=cfg.seed,
                                image_size=cfg.image_size, workers=cfg.loader_workers, in_memory=cfg.in_memory,
                                part=part, quiet=cfg.quiet)
-    eval_loader = BatchLoader(test, min(EVAL_BATCH, n_eval), xp, dtype, shuffle=False, drop_last=False,
+    eval_loader = BatchLoader(test, min(cfg.eval_batch_size, n_eval), xp, dtype, shuffle=False, drop_last=False,
                               image_size=cfg.image_size, part=part,
                               in_memory=cfg.in_memory if cfg.in_memory == "device" else None)
-    val_loader = None if val is None else BatchLoader(val, min(EVAL_BATCH, len(val)), xp, dtype, shuffle=False,
+    val_loader = None if val is None else BatchLoader(val, min(cfg.eval_batch_size, len(val)), xp, dtype, shuffle=False,
                                                       drop_last=False, image_size=cfg.image_size, part=part)
     return RunData(task.source, task.n_classes, train, test, val, train_loader, eval_loader, val_loader)
 

@@ -179,6 +179,7 @@ class Config:
     cond_every: int = 100
     cond_max: float = 1e6
     eval_subset: int = 0
+    eval_batch_size: int = 1000
     train_subset: int = 0
     val_holdout: int = 0
     patience: int = 0
@@ -318,6 +319,7 @@ OPTION_RULES = {
     "cond_every": _at_least(0),
     "cond_max": (float, lambda v: v > 1, "> 1"),
     "eval_subset": _at_least(0),
+    "eval_batch_size": _at_least(1),
     "train_subset": _at_least(0),
     "val_holdout": _at_least(0),
     "patience": _at_least(0),
@@ -335,7 +337,7 @@ PER_LAYER = ("dtp_sigma", "feedback_lr", "ldrl_iters")
 
 # Options that do not change what a run computes: a resumed run may change them freely.
 # (epochs may grow too, unless the learning rate schedule depends on it: see config_changes.)
-RESULT_NEUTRAL = {"quiet", "log_every", "max_steps", "checkpoint_every", "angles_every", "cond_every", "out",
+RESULT_NEUTRAL = {"quiet", "log_every", "eval_batch_size", "max_steps", "checkpoint_every", "angles_every", "cond_every", "out",
                   "resume", "overwrite", "force_unlock", "verify_data", "allow_config_change", "data", "loader_workers", "in_memory",
                   "comm_timeout", "distributed"}
 

@@ -69,6 +69,7 @@ class Trainer:
         self.stop = StopFlag(comm)
         self.stopped_early = False
         self.saved_once = False
+        self._evaluating = False          # for the out-of-memory message
         self.wall_before, self.t_start = 0.0, time.perf_counter()  # wall time, across resumes
 
     def epoch_lr(self, epoch: int) -> float:
@@ -136,6 +137,7 @@ class Trainer:
         (or ``loader``'s set)."""
         xp, net, loss_fn = self.xp, self.net, self.train_step.loss
         loader = self.data.eval_loader if loader is None else loader
+        self._evaluating = True
         k5 = self.data.n_classes > 5
         sums = [xp.zeros((), dtype=xp.float64) for _ in range(3)]
         widths = net.read_widths(top=getattr(loss_fn, "n_classes", None))   # what the loss reads
@@ -150,6 +152,7 @@ class Trainer:
             if k5:
                 sums[2] = sums[2] + topk_correct(logits, y, 5)
         loss, top1, top5 = read_scalars(self.comm.allreduce_sum(sums))
+        self._evaluating = False
         n = len(loader.data)
         rec = {"loss": loss / n, "top1": top1 / n}
         if k5:
@@ -190,6 +193,19 @@ class Trainer:
         self.log(rec)
         return rec
 
+    def _out_of_memory(self, e) -> str:
+        """Where memory ran out, what the device holds and the option to lower."""
+        plan = self.plan
+        what = (f"while evaluating after step {self.pos.step} (batches of {self.data.eval_loader.batch_size} images): "
+                "lower --eval-batch-size" if self._evaluating else
+                f"in training step {self.pos.step} (a batch of {plan.batch_size} images): lower --batch-size, or use "
+                "--distributed mpi to spread it over more devices")
+        held = ""
+        if self.xp is not np:
+            free, total = self.xp.cuda.Device().mem_info
+            held = f"; the device has {free / 2**30:.1f} of {total / 2**30:.1f} GiB free"
+        return f"out of memory {what}{held} ({type(e).__name__}: {' '.join(str(e).split())[:160]})"
+
     # ---- stopping on a signal -----------------------------------------------------------------------------
     def _stop(self, saved: bool = False):
         """Checkpoint the completed step (unless ``saved``: an evaluation, which run() starts
@@ -213,6 +229,8 @@ class Trainer:
         try:
             with on_stop_signals(self.stop.request):
                 return self._run(on_step)
+        except MemoryError as e:          # CuPy's OutOfMemoryError is one
+            raise RuntimeError(self._out_of_memory(e)) from None
         finally:
             self.folder.release()
             self.data.close()

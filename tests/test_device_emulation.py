@@ -175,3 +175,31 @@ def test_backend_smoke_test_names_the_missing_library(monkeypatch):
     monkeypatch.setattr(backend, "cupy_available", lambda: True)
     with pytest.raises(BackendError, match="cuBLAS is missing"):
         get_backend("cupy")
+
+
+def test_out_of_device_memory_names_the_phase_the_memory_and_the_option_to_lower(monkeypatch):
+    """CuPy's OutOfMemoryError (a MemoryError) ended in a traceback; now the run ends naming
+    the training step or the evaluation, the batch, the card's free and total memory and
+    the option to lower (--eval-batch-size is new: the evaluation batch was fixed at 1000)."""
+    cfg = Config(task="synthetic", rule="bp", backend="emulated", batch_size=20, max_steps=2, eval_batch_size=50,
+                 quiet=True)
+    t = Trainer(cfg)
+    assert t.data.eval_loader.batch_size == 50
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError("Out of memory allocating 1,073,741,824 bytes")
+    monkeypatch.setattr(t.net, "forward", no_memory)
+    with pytest.raises(RuntimeError, match=r"out of memory in training step 1 \(a batch of 20 images\): lower "
+                                           r"--batch-size.*; the device has 16.0 of 16.0 GiB free \(MemoryError: Out"):
+        t.run()
+    t = Trainer(cfg)
+    forward = t.net.forward
+
+    def no_memory_when_evaluating(*args, **kwargs):
+        if t._evaluating:
+            raise MemoryError("Out of memory")
+        return forward(*args, **kwargs)
+    monkeypatch.setattr(t.net, "forward", no_memory_when_evaluating)
+    with pytest.raises(RuntimeError, match=r"out of memory while evaluating after step 2 \(batches of 50 images\): "
+                                           r"lower --eval-batch-size"):
+        t.run()
