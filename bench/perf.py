@@ -42,6 +42,7 @@ photos of the foolbox wheel.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import tempfile
@@ -56,7 +57,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import alternating_processes, blas_line, interleaved, timed  # noqa: E402
 
-from gait_ref.architectures import build  # noqa: E402
 from gait_ref.assembly import build_step  # noqa: E402
 from gait_ref.backend import get_backend, synchronize, to_device, to_numpy  # noqa: E402
 from gait_ref.config import Config  # noqa: E402
@@ -340,7 +340,7 @@ def float32_after_real_training(xp, steps):
     idx = rng.choice(len(x), 256, replace=False)
     angles, near = {}, 0.0
     for dtype in (np.float64, np.float32):
-        net = build("mlp-deep", x.shape[1:], 10, invertible=True)
+        net = build_step(dataclasses.replace(s.cfg, dtype=np.dtype(dtype).name), x.shape[1:], 10, xp).net
         for l, l64 in zip(net.layers, s.net.layers):
             l.params = {k: v.astype(dtype) for k, v in l64.params.items()}
         tr = net.forward(to_device((x[idx] / 255.0).astype(dtype), xp))

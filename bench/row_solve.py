@@ -8,7 +8,7 @@ and at 224 px (batch 256, ImageNet's).
     python bench/row_solve.py [--backend numpy|cupy] [--px 64,224] [--repeats 5]
 
 On a GPU this is the figure that says whether the float64 product pays there: a GPU with a
-small float64 rate may run the residual faster (bench/gpu_check.sh runs it).
+small float64 rate may run the residual faster (bench/gpu_check.py runs it).
 """
 from __future__ import annotations
 
@@ -33,14 +33,13 @@ BATCH = {64: 64, 224: 256}
 
 def renewing_layers(px: int, batch: int):
     """(name, rows, D, c) of conv7's layers whose solves have at least D rows and c < D live
-    channels at this size (shapes only: a forward pass of one image gives the positions)."""
+    channels at this size (shapes only)."""
     net = build("conv7", (3, px, px), 1000, invertible=True)
     net.init(0, "orthogonal", np, np.float32)
-    tr = net.forward(np.zeros((1, 3, px, px), np.float32))
     out = []
     for i, layer in enumerate(net.layers[1:], start=1):
         W, c = layer.params["W"], net.live_channels(i)
-        rows = _solve_rows(tr.ys[i], W, batch)
+        rows = _solve_rows(layer, W, batch)
         if c is not None and rows >= W.shape[-1]:
             out.append((layer.name, rows, W.shape[-1], c))
     return out
