@@ -186,13 +186,19 @@ def test_random_kills_lose_nothing(tmp_path):
 
 
 # ---- the run folder -------------------------------------------------------------------------------
+def _spawn_until_its_first_checkpoint(out):
+    """A long run into ``out``, checkpointing every 5 steps, once its first checkpoint exists."""
+    p = _spawn([*COMMON, "--max-steps", 100000, "--checkpoint-every", 5, "--out", out])
+    deadline = time.time() + 60
+    while not (out / "last.h5").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    return p
+
+
 def test_two_runs_cannot_share_a_folder_and_a_dead_owners_lock_is_taken_over(tmp_path):
     out = tmp_path / "r"
-    p = _spawn([*COMMON, "--max-steps", 100000, "--checkpoint-every", 5, "--out", out])
+    p = _spawn_until_its_first_checkpoint(out)
     try:
-        deadline = time.time() + 60
-        while not (out / "last.h5").exists() and time.time() < deadline:
-            time.sleep(0.05)
         res = run_cli(*COMMON, "--max-steps", 10, "--out", out, "--resume")
         one_line_error(res, f"in use by another run (pid {p.pid} on")
         res = run_cli(*COMMON, "--max-steps", 10, "--out", out, "--overwrite")
@@ -247,11 +253,8 @@ def test_a_run_whose_lock_is_deleted_stops_before_it_writes_again(tmp_path):
     new file: the first run notices at its next write that .lock is no longer the file it
     locked, and stops without writing, naming the cause."""
     out = tmp_path / "r"
-    p = _spawn([*COMMON, "--max-steps", 100000, "--checkpoint-every", 5, "--out", out])
+    p = _spawn_until_its_first_checkpoint(out)
     try:
-        deadline = time.time() + 60
-        while not (out / "last.h5").exists() and time.time() < deadline:
-            time.sleep(0.05)
         (out / ".lock").unlink()
         _, err = p.communicate(timeout=120)
     finally:
