@@ -11,9 +11,11 @@ as it is stored (the scaling paper's kernel reshaped to D x D).
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from .backend import get_xp, to_numpy
+from .backend import get_xp, read_scalars
 
 FORMS = ("full", "offdiag")
 
@@ -58,20 +60,26 @@ def add_ortho_grads(net, grads, lam: float, form: str = "full") -> None:
 
 
 def orthogonality_report(net) -> dict:
-    """Per square layer: ||W W^T - I||_F / sqrt(D) and the condition number (from the SVD);
-    weights that are not finite (no SVD exists) report ``finite: False``."""
-    out = {}
+    """Per square layer: ||W W^T - I||_F / sqrt(D) and the condition number, from a float64
+    SVD on the weights' device; the two numbers of every layer are read in one read (the
+    weights never travel to the host: the 3072 x 3072 output layer at 224 px took 35 s on
+    one CPU core). Weights that are not finite (no SVD exists) report ``finite: False``."""
+    names, values = [], []
     for layer in net.layers:
-        W = layer.params["W"]
         if not layer.square:
             continue
-        Wn = to_numpy(W).astype(np.float64).reshape((-1,) + W.shape[-2:])
-        if not np.isfinite(Wn).all():
-            out[layer.name] = {"ortho_error": float("nan"), "cond": float("inf"), "finite": False}
-            continue
-        s = np.linalg.svd(Wn, compute_uv=False)                      # (P, D)
-        D = W.shape[-1]
-        err = np.sqrt(((s ** 2 - 1) ** 2).sum(axis=-1) / D).max()
-        cond = (s.max(axis=-1) / np.maximum(s.min(axis=-1), np.finfo(float).tiny)).max()
-        out[layer.name] = {"ortho_error": float(err), "cond": float(cond)}
+        W = layer.params["W"]
+        xp = get_xp(W)
+        Wd = W.astype(xp.float64).reshape((-1,) + W.shape[-2:])
+        finite = xp.isfinite(Wd).all()
+        s = xp.linalg.svd(xp.where(finite, Wd, 0.0), compute_uv=False)        # (P, D)
+        err = xp.sqrt(((s ** 2 - 1) ** 2).sum(axis=-1) / W.shape[-1]).max()
+        cond = (s.max(axis=-1) / xp.maximum(s.min(axis=-1), np.finfo(np.float64).tiny)).max()
+        values += [xp.where(finite, err, np.nan), xp.where(finite, cond, np.inf)]
+        names.append(layer.name)
+    read = read_scalars(values)
+    out = {}
+    for name, err, cond in zip(names, read[0::2], read[1::2]):
+        out[name] = {"ortho_error": err, "cond": cond} if not math.isnan(err) else \
+            {"ortho_error": err, "cond": cond, "finite": False}
     return out

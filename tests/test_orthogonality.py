@@ -61,3 +61,29 @@ def test_init_reproducible_and_glorot_bounds():
     assert abs(n.std() - 2.0 / 20) < 0.005
     with pytest.raises(ValueError, match="unknown init scheme"):
         draw_weights(np.random.default_rng(0), (2, 2), "he")
+
+
+def test_the_report_computes_on_the_device_and_reads_two_numbers_per_layer():
+    """The report's SVD runs where the weights are: on the emulated device the weights are
+    never copied to the host, and one read brings every layer's two numbers, equal to a
+    float64 SVD on the host; a layer with non-finite weights is flagged, not an error."""
+    from gait_ref import emulation as em
+    from gait_ref.backend import get_backend
+    xp = get_backend("emulated")
+    layers = [Dense((12,), 12, name=f"d{i}") for i in range(3)]
+    net = Network(layers, [LeakyReLU()] * 3)
+    net.init(0, "orthogonal", xp, np.float64)
+    rng = np.random.default_rng(2)
+    for layer in layers:
+        layer.params["W"] = layer.params["W"] + xp.asarray(0.2 * rng.standard_normal((12, 12)))
+    em.reset_counters()
+    rep = orthogonality_report(net)
+    counts = em.reset_counters()
+    assert counts["d2h"] == 1, counts
+    for layer in layers[1:]:
+        s = np.linalg.svd(asnumpy(layer.params["W"]), compute_uv=False)
+        assert rep[layer.name]["cond"] == pytest.approx(s.max() / s.min(), rel=1e-12)
+        assert rep[layer.name]["ortho_error"] == pytest.approx(np.sqrt(((s ** 2 - 1) ** 2).sum() / 12), rel=1e-12)
+    layers[2].params["W"][3, 3] = np.inf
+    bad = orthogonality_report(net)["d2"]
+    assert bad["finite"] is False and bad["cond"] == np.inf
