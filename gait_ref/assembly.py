@@ -7,9 +7,11 @@ alone for benchmarks and tests, on batches of their own. This module and
 """
 from __future__ import annotations
 
+import hashlib
 import platform
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -18,6 +20,7 @@ from .architectures import build
 from .backend import backend_name, blas_info, get_backend
 from .config import Config, square_network
 from .data import ArraySet, BatchLoader, Subset, load_task
+from .data.shards import shards_under
 from .distributed import LOCAL, options_that_differ
 from .hostmem import describe as describe_host_memory
 from .hostmem import keep_freed_memory
@@ -106,12 +109,13 @@ def assemble(cfg: Config, comm=LOCAL) -> Run:
     cfg = cfg.resolved()
     xp = comm.bind(get_backend(cfg.backend), run_dir=cfg.out)
     data = load_data(cfg, xp, comm)
+    digest = data_digest(data)
     if comm.size > 1:
-        check_ranks_agree(cfg, comm, data)
+        check_ranks_agree(cfg, comm, data, digest)
     step = build_step(cfg, data.in_shape, data.n_classes, xp, comm)
     # the checkpoint records the data's digest beside the options: resuming on other data is a
     # change of the result (--allow-config-change data-digest), a moved folder is not
-    folder = RunFolder.open(cfg.out, comm, {**cfg.to_dict(), "data_digest": data_digest(data)},
+    folder = RunFolder.open(cfg.out, comm, {**cfg.to_dict(), "data_digest": digest},
                             cfg.allow_config_change, cfg.quiet, cfg.force_unlock)
     plan = LoopPlan.of(cfg, data.source, data.train_loader.batches_per_epoch(), comm.size)
     return Run(xp, data, step, folder, plan, describe(cfg, comm, xp, data, step.net),
@@ -121,18 +125,17 @@ def assemble(cfg: Config, comm=LOCAL) -> Run:
 def data_digest(data: RunData) -> str:
     """One SHA-256 of the sets the run trains, validates and tests on (their contents, not
     where they are: a moved folder has the same digest)."""
-    import hashlib
     sets = [s for s in (data.train_set, data.eval_set, data.val_set) if s is not None]
     return hashlib.sha256(" ".join(s.digest() for s in sets).encode()).hexdigest()
 
 
-def check_ranks_agree(cfg: Config, comm, data: RunData) -> None:
+def check_ranks_agree(cfg: Config, comm, data: RunData, digest: str) -> None:
     """RuntimeError naming every option (and the data) that differs between the ranks and
     which ranks hold which value: ranks started with different options would train apart
     silently, or hang where their step counts differ. The output folder and the data's
     path may differ; the data's contents may not."""
     mine = {k: v for k, v in cfg.to_dict().items() if k not in ("out", "data")}
-    mine["data"] = f"sha256 {data_digest(data)[:16]}"
+    mine["data"] = f"sha256 {digest[:16]}"
     differ = options_that_differ(comm, mine)
     if differ:
         listed = "; ".join(f"--{k.replace('_', '-')}: " + ", ".join(f"{v} on rank{'s' if len(r) > 1 else ''} "
@@ -213,14 +216,11 @@ def verify_shards(cfg: Config, comm, data: RunData, stop_requested=lambda: 0) ->
     ``stop_requested()`` (a signal number, 0 for none) is asked between shards: a stop
     signal ends the verification at the next shard, keeps what was verified in the cache,
     and ends the run with StopRequested on every rank."""
-    from pathlib import Path
     cache = Path(cfg.out) / "shard_verification.json" if cfg.out else None
     if cfg.verify_data == "always" and cache is not None and comm.is_root:
         cache.unlink(missing_ok=True)                   # nothing verified before is trusted
-    for found in (data.train_set, data.eval_set):                    # (the val set is in train's)
-        while hasattr(found, "data") and not hasattr(found, "verify"):   # subsets: the set underneath
-            found = found.data
-        if hasattr(found, "verify"):
+    for found in map(shards_under, (data.train_set, data.eval_set)):     # (the val set is in train's)
+        if found is not None:
             if comm.is_root:
                 found.verify(cache, quiet=cfg.quiet, should_stop=stop_requested)
             comm.barrier(timeout=False)             # hashing a large set takes a while

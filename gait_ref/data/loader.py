@@ -40,6 +40,7 @@ import numpy as np
 from ..backend import is_device, pinned_empty, to_device
 from ..stopping import STOP_SIGNALS
 from .idx import DataFormatError
+from .shards import shards_under
 
 
 class ArraySet:
@@ -313,9 +314,7 @@ class BatchLoader:
         self._std = None if std is None else to_device(np.asarray(std, self.dtype).reshape(shape), xp)
         self.in_memory, self.workers, self.quiet = in_memory, int(workers), quiet
         self.reader, self._device_data = None, None    # set up at the first epoch (after verification)
-        self._shards = data
-        while self._shards is not None and not hasattr(self._shards, "check_unchanged"):   # subsets: the set below
-            self._shards = getattr(self._shards, "data", None)
+        self._shards = shards_under(data)
         self._pinned, self._copy_stream = [], None
 
     def _setup(self):

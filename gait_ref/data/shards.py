@@ -99,6 +99,13 @@ def _stat_key(path: Path):
     return st.st_size, st.st_mtime_ns, st.st_ino
 
 
+def shards_under(data):
+    """The ShardSet a data set reads from (through any Subset views), or None (arrays)."""
+    while data is not None and not isinstance(data, ShardSet):
+        data = getattr(data, "data", None)
+    return data
+
+
 class ShardSet:
     """Read access to one split of a packed data set: images by global index.
 
