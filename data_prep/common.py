@@ -87,13 +87,14 @@ def shard_done(dst: Path, shard_name: str) -> bool:
     if not side.exists():
         return False
     try:
-        entry = json.loads(side.read_text())["entry"]
-    except (ValueError, KeyError, OSError):
-        entry = False
+        record = json.loads(side.read_text())
+        entry, sources = record["entry"], record.get("sources", {})
+    except (ValueError, KeyError, OSError, AttributeError):
+        entry, sources = False, {}
     path = dst / shard_name
-    ok = entry is None or (isinstance(entry, dict) and path.exists() and path.stat().st_size == entry["bytes"]
-                           and sha256_file(path) == entry["sha256"])
-    ok = ok and sources_unchanged(json.loads(side.read_text()).get("sources", {}))
+    ok = sources_unchanged(sources) and (         # the sources' stats first: cheaper than hashing the shard
+        entry is None or (isinstance(entry, dict) and path.exists() and path.stat().st_size == entry["bytes"]
+                          and sha256_file(path) == entry["sha256"]))
     if not ok:
         side.unlink()
     return ok

@@ -337,8 +337,9 @@ PER_LAYER = ("dtp_sigma", "feedback_lr", "ldrl_iters")
 
 # Options that do not change what a run computes: a resumed run may change them freely.
 # (epochs may grow too, unless the learning rate schedule depends on it: see config_changes.)
-RESULT_NEUTRAL = {"quiet", "log_every", "eval_batch_size", "max_steps", "checkpoint_every", "angles_every", "cond_every", "out",
-                  "resume", "overwrite", "force_unlock", "verify_data", "allow_config_change", "data", "loader_workers", "in_memory",
+RESULT_NEUTRAL = {"quiet", "log_every", "eval_batch_size", "max_steps", "checkpoint_every", "angles_every",
+                  "cond_every", "out", "resume", "overwrite", "force_unlock", "verify_data", "allow_config_change",
+                  "data", "loader_workers", "in_memory",
                   "comm_timeout", "distributed"}
 
 

@@ -80,6 +80,5 @@ def orthogonality_report(net) -> dict:
     read = read_scalars(values)
     out = {}
     for name, err, cond in zip(names, read[0::2], read[1::2]):
-        out[name] = {"ortho_error": err, "cond": cond} if not math.isnan(err) else \
-            {"ortho_error": err, "cond": cond, "finite": False}
+        out[name] = {"ortho_error": err, "cond": cond, **({"finite": False} if math.isnan(err) else {})}
     return out
