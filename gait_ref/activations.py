@@ -15,6 +15,7 @@ all digits of ``d`` when ``|d| << |y|``; the forms below keep them.
 from __future__ import annotations
 
 from .backend import get_xp
+from .kernels import Kernel
 
 
 class Identity:
@@ -55,19 +56,17 @@ class LeakyReLU:
         self.slope = float(slope)
         # for a < 1, f(h) = max(h, a h) and f^-1(y) = min(y, y / a); for a > 1 the other way round
         self._up, self._down = ("maximum", "minimum") if self.slope <= 1 else ("minimum", "maximum")
+        self._kernels = self._make_kernels()          # one fused kernel each on a GPU (gait_ref.kernels)
 
     def f(self, h):
-        xp = get_xp(h)
-        return getattr(xp, self._up)(h, h * h.dtype.type(self.slope))
+        return self._kernels[0](h, h.dtype.type(self.slope))
 
     def inverse(self, y):
-        xp = get_xp(y)
-        return getattr(xp, self._down)(y, y / y.dtype.type(self.slope))
+        return self._kernels[1](y, y.dtype.type(self.slope))
 
     def deriv(self, h):
         """1 where h >= 0, a elsewhere: (h >= 0) (1 - a) + a."""
-        a = h.dtype.type(self.slope)
-        return (h >= 0) * (1 - a) + a
+        return self._kernels[2](h, h.dtype.type(self.slope))
 
     def deriv_from_output(self, y):
         # sign(y) == sign(h) because a > 0
@@ -78,13 +77,42 @@ class LeakyReLU:
         same side of the kink (d when >= 0, d/a when < 0); where they cross it (rare for
         small d) the two ends are evaluated directly, and there |d| >= |y|, so that
         subtraction does not cancel. Branch-free: no host read of where the crossings are."""
+        return self._kernels[3](y, d, y.dtype.type(self.slope))
+
+    def _inverse_difference_host(self, y, d, a):
+        """``inverse_difference`` on the host: the same numbers as the fused ``where``, with
+        ufuncs only, so the result keeps ``y``'s memory layout (see the class docstring)."""
         xp = get_xp(y, d)
         pos = y >= 0
-        out = d / self.deriv(y)                                       # the same side of the kink
+        out = d / ((pos) * (1 - a) + a)                               # the same side of the kink
         u = y + d
         cross = pos != (u >= 0)
-        xp.copyto(out, self.inverse(u) - self.inverse(y), where=cross)
+        down = getattr(xp, self._down)
+        xp.copyto(out, down(u, u / a) - down(y, y / a), where=cross)
         return out
+
+    def _make_kernels(self):
+        up, down = self._up, self._down
+
+        def f(xp):
+            return lambda h, a: getattr(xp, up)(h, h * a)
+
+        def inverse(xp):
+            return lambda y, a: getattr(xp, down)(y, y / a)
+
+        def deriv(xp):
+            return lambda h, a: (h >= 0) * (1 - a) + a
+
+        def inverse_difference(xp):
+            def leaky_inverse_difference(y, d, a):
+                u = y + d
+                same = (y >= 0) == (u >= 0)
+                inv = getattr(xp, down)
+                return xp.where(same, d / ((y >= 0) * (1 - a) + a), inv(u, u / a) - inv(y, y / a))
+            return leaky_inverse_difference
+        return (Kernel(f, name="leaky_relu"), Kernel(inverse, name="leaky_relu_inverse"),
+                Kernel(deriv, name="leaky_relu_deriv"),
+                Kernel(inverse_difference, twin=self._inverse_difference_host, name="leaky_relu_inverse_difference"))
 
 
 class Tanh:
@@ -98,16 +126,27 @@ class Tanh:
         return get_xp(y).arctanh(y)
 
     def deriv(self, h):
-        t = get_xp(h).tanh(h)
-        return 1 - t * t
+        return _TANH_DERIV(h)
 
     def deriv_from_output(self, y):
-        return 1 - y * y
+        return _TANH_DERIV_FROM_OUTPUT(y)
 
     def inverse_difference(self, y, d):
         # atanh(u) - atanh(y) = atanh((u - y) / (1 - u y)) with u = y + d
-        xp = get_xp(y, d)
-        return xp.arctanh(d / (1 - (y + d) * y))
+        return _TANH_INVERSE_DIFFERENCE(y, d)
+
+
+def _tanh_deriv(xp):
+    def tanh_deriv(h):
+        t = xp.tanh(h)
+        return 1 - t * t
+    return tanh_deriv
+
+
+_TANH_DERIV = Kernel(_tanh_deriv)
+_TANH_DERIV_FROM_OUTPUT = Kernel(lambda xp: lambda y: 1 - y * y, name="tanh_deriv_from_output")
+_TANH_INVERSE_DIFFERENCE = Kernel(lambda xp: lambda y, d: xp.arctanh(d / (1 - (y + d) * y)),
+                                  name="tanh_inverse_difference")
 
 
 class ELU:

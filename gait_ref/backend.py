@@ -196,9 +196,11 @@ def read_scalars(values) -> list:
     if not dev:
         return [float(v) for v in values]
     xp = get_xp(*dev)
-    host = to_numpy(xp.stack([xp.asarray(v, dtype=xp.float64) if _device_module(v) is not None
-                              else xp.full((), float(v), dtype=xp.float64) for v in values]))
-    return [float(v) for v in host]
+    if len({v.dtype for v in dev}) == 1:            # one stack (one kernel past 8 values), no casts
+        host = iter(to_numpy(xp.stack(dev)).tolist())
+    else:
+        host = iter(to_numpy(xp.stack([v.astype(xp.float64, copy=False) for v in dev])).tolist())
+    return [next(host) if _device_module(v) is not None else float(v) for v in values]
 
 
 def blas_info() -> list:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backend import get_xp
+from .kernels import RawKernel
 
 
 def same_padding(size: int, k: int, s: int) -> tuple[int, int, int]:
@@ -97,18 +98,15 @@ class ConvGeometry:
 
 def _padded_channels_last(x, g: ConvGeometry):
     """x : (N, C, H, W) -> (N, H + t + b, W + l + r, C): channels last, zero borders, one copy
-    (none without padding where x already has channels-last memory). Only the borders are
-    zeroed; ``numpy.pad`` would do the same with more Python around it."""
+    (none without padding where x already has channels-last memory). Two launches on a GPU
+    (a memset and the copy; zeroing the four borders apart was four more), and on the host
+    ``zeros`` is a calloc whose pages the copy touches anyway."""
     xp = get_xp(x)
     t, b, l, r = g.pads
     if not (t or b or l or r):
         return xp.ascontiguousarray(x.transpose(0, 2, 3, 1))
     N = x.shape[0]
-    xt = xp.empty((N, g.H + t + b, g.W + l + r, g.C), dtype=x.dtype)
-    xt[:, :t] = 0
-    xt[:, t + g.H:] = 0
-    xt[:, t:t + g.H, :l] = 0
-    xt[:, t:t + g.H, l + g.W:] = 0
+    xt = xp.zeros((N, g.H + t + b, g.W + l + r, g.C), dtype=x.dtype)
     xt[:, t:t + g.H, l:l + g.W] = x.transpose(0, 2, 3, 1)
     return xt
 
@@ -143,22 +141,55 @@ def col2im(cols, g: ConvGeometry, N: int):
     """The exact adjoint of im2col: cols : (N * Ho * Wo, D) -> x : (N, C, H, W).
 
     Each patch entry is summed back onto the pixel it was read from; entries read from the
-    padding are dropped (each tap's slice is clipped to the image, so there is no padded
-    buffer to crop). A new array, NCHW-shaped with channels-last memory (as
-    ``rows_to_nchw``), so the next GEMM reads it without a copy.
+    padding are dropped. A new array, NCHW-shaped with channels-last memory (as
+    ``rows_to_nchw``), so the next GEMM reads it without a copy. One kernel on a GPU
+    (``_COL2IM``: each pixel gathers its taps), K * K slice additions on the host
+    (``_col2im_taps``); both add a pixel's taps in the same order, from zero.
     """
     xp = get_xp(cols)
     t, _, l, _ = g.pads
-    c6 = cols.reshape(N, g.Ho, g.Wo, g.K, g.K, g.C)
-    xt = xp.zeros((N, g.H, g.W, g.C), dtype=cols.dtype)
-    along_y = [_reach(k, g.H, g.Ho, g.S, t) for k in range(g.K)]
-    along_x = [_reach(k, g.W, g.Wo, g.S, l) for k in range(g.K)]
+    xt = xp.empty((N, g.H, g.W, g.C), dtype=cols.dtype)
+    _COL2IM(cols, g.H, g.W, g.C, g.Ho, g.Wo, g.K, g.S, t, l, xt)
+    return xt.transpose(0, 3, 1, 2)                                # (N, C, H, W), channels-last memory
+
+
+def _col2im_taps(cols, H, W, C, Ho, Wo, K, S, t, l, xt):
+    """col2im on the host, into ``xt`` (N, H, W, C): for each tap (ky, kx) in order, the
+    slice of output positions whose tap reads an image pixel is added onto those pixels
+    (each tap's slice is clipped to the image, so there is no padded buffer to crop)."""
+    N = xt.shape[0]
+    c6 = cols.reshape(N, Ho, Wo, K, K, C)
+    xt[...] = 0
+    along_y = [_reach(k, H, Ho, S, t) for k in range(K)]
+    along_x = [_reach(k, W, Wo, S, l) for k in range(K)]
     for ky, (oy, ny, y0) in enumerate(along_y):
         for kx, (ox, nx, x0) in enumerate(along_x):
             if ny > 0 and nx > 0:
-                xt[:, y0:y0 + (ny - 1) * g.S + 1:g.S, x0:x0 + (nx - 1) * g.S + 1:g.S] += \
-                    c6[:, oy:oy + ny, ox:ox + nx, ky, kx]
-    return xt.transpose(0, 3, 1, 2)                                # (N, C, H, W), channels-last memory
+                xt[:, y0:y0 + (ny - 1) * S + 1:S, x0:x0 + (nx - 1) * S + 1:S] += c6[:, oy:oy + ny, ox:ox + nx, ky, kx]
+    return xt
+
+
+# The gather form of col2im: output pixel (n, y, x, c) adds, for each tap (ky, kx) in order,
+# the column entry of the output position (oy, ox) = ((y + t - ky) / S, (x + l - kx) / S)
+# that read it, where that division is exact and the position exists.
+_COL2IM = RawKernel(
+    "raw T cols, int32 H, int32 W, int32 C, int32 Ho, int32 Wo, int32 K, int32 S, int32 t, int32 l", "T xt",
+    """
+    long long c = i % C, r = i / C;
+    long long x = r % W;  r /= W;
+    long long y = r % H, n = r / H;
+    T acc = 0;
+    for (int ky = 0; ky < K; ky++) {
+        long long yy = y + t - ky;
+        if (yy < 0 || yy % S != 0 || yy / S >= Ho) continue;
+        for (int kx = 0; kx < K; kx++) {
+            long long xx = x + l - kx;
+            if (xx < 0 || xx % S != 0 || xx / S >= Wo) continue;
+            acc += cols[(((n * Ho + yy / S) * Wo + xx / S) * K + ky) * K * C + kx * C + c];
+        }
+    }
+    xt = acc;
+    """, "gait_ref_col2im", _col2im_taps)
 
 
 def rows_to_nchw(m, N: int, Ho: int, Wo: int):

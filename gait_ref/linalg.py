@@ -66,6 +66,7 @@ import math
 import numpy as np
 
 from .backend import get_xp
+from .kernels import Kernel, RawKernel
 from .live import widen
 
 SOLVERS = ("auto", "refine", "lu")
@@ -109,7 +110,8 @@ def solve_amplifies_past(sq, cond_max: float):
     ``condition_lower_bound``) past it: the weights are (nearly) singular. A non-finite x
     fails too (NaN compares false); B = 0 solved by x = 0 passes."""
     w2, b2, x2 = sq[:3]
-    return ~(w2 * x2 <= b2 * w2.dtype.type(cond_max) ** 2)
+    c = cond_max if isinstance(cond_max, np.generic) else w2.dtype.type(cond_max)
+    return ~(w2 * x2 <= b2 * (c * c))
 
 
 def norm_lower_bound_squared(W):
@@ -159,6 +161,16 @@ def solver_for(kind: str, dtype) -> str:
     return kind
 
 
+def diagonal(M):
+    """The leading diagonal of the last two axes of a C-contiguous (.., r, n) array, as a
+    strided view (M[..., i, i] for i < min(r, n)): writing through it is one kernel on a GPU,
+    where indexing with two arange arrays is five."""
+    if not M.flags.c_contiguous:
+        raise ValueError("diagonal() needs a C-contiguous array")
+    r, n = M.shape[-2:]
+    return M.reshape(M.shape[:-2] + (-1,))[..., :min(r, n) * (n + 1):n + 1]
+
+
 def _t(a):
     """Swap the last two axes: (D, M) <-> (M, D), (P, D, M) <-> (P, M, D)."""
     return a.swapaxes(-1, -2)
@@ -172,9 +184,26 @@ def _residual(B, x, W):
     c = B.shape[-1]
     if c == r.shape[-1]:
         return xp.subtract(B, r, out=r)
-    r = xp.negative(r, out=r)
+    if B.flags.c_contiguous and r.flags.c_contiguous:
+        return _NARROW_MINUS(B, c, r.shape[-1], r)          # one kernel on a GPU
+    return _narrow_minus_host(B, c, r.shape[-1], r)
+
+
+def _narrow_minus_host(B, c, n, r):
+    """r <- [B, 0] - r in place, B the first c of n columns."""
+    r = get_xp(r).negative(r, out=r)
     r[..., :c] += B
     return r
+
+
+_NARROW_MINUS = RawKernel("raw T B, int64 c, int64 n", "T r",
+                          "long long col = i % n; r = col < c ? B[(i / n) * c + col] - r : -r;",
+                          "gait_ref_narrow_minus", _narrow_minus_host)
+
+
+# One fused kernel each on a GPU (gait_ref.kernels): sum(a^2) over the last axis; a / sqrt(s)
+_SUM_OF_SQUARES_LAST = Kernel(lambda xp: lambda a: xp.sum(a * a, axis=-1), name="sum_of_squares_last")
+_DIVIDE_BY_SQRT = Kernel(lambda xp: lambda a, s: a / xp.sqrt(s), name="divide_by_sqrt")
 
 
 class SquareInverse:
@@ -229,9 +258,9 @@ class RefinedInverse:
             steps = POWER_WARMUP
         for _ in range(steps):
             u = (self.v[..., None, :] @ W)[..., 0, :]               # v W, (.., D)
-            est = (u * u).sum(axis=-1)
+            est = _SUM_OF_SQUARES_LAST(u)
             w = (u[..., None, :] @ _t(W))[..., 0, :]                 # v W W^T
-            self.v = w / xp.sqrt((w * w).sum(axis=-1, keepdims=True))
+            self.v = _DIVIDE_BY_SQRT(w, _SUM_OF_SQUARES_LAST(w)[..., None])
         return est.max()
 
     def refresh(self, W, newton: bool = False, K: int | None = None, live: int | None = None) -> None:
@@ -242,7 +271,15 @@ class RefinedInverse:
         ``live``: the solves' right-hand sides have only their first ``live`` columns, so
         where no correction is planned (which multiplies by all of X) a fresh inverse is
         only its first ``live`` rows: an LU and ``live`` triangular solves, the very rows
-        ``inv`` gives, for 2/3 D^3 + 2 live D^2 flops instead of 2 D^3."""
+        ``inv`` gives, for 2/3 D^3 + 2 live D^2 flops instead of 2 D^3.
+
+        A fresh inverse is computed in float64 and rounded to W's dtype. numpy's linalg does
+        that for float32 by itself; CuPy's runs cuSOLVER in the input dtype, and a float32
+        inverse is about cond(W) times less exact: on the emulator, which computes linalg in
+        the input dtype as CuPy does, conv7's conv2 at 64 px (D = 216) then missed the
+        bound with its rows-only inverse and fell back to a corrected full inverse
+        (tests/test_device_emulation.py, the narrow right-hand sides test). The float64 LU costs a GPU little (2 D^3 flops,
+        0.06 TFLOP for the 3072-wide layer)."""
         xp = get_xp(W)
         if K is not None:
             self.K = K
@@ -251,14 +288,15 @@ class RefinedInverse:
         D = W.shape[-1]
         if newton and self.X is not None and close and self.X.shape == W.shape:
             T = -(W @ self.X)                                        # -W X
-            T[..., xp.arange(D), xp.arange(D)] += 2                  # 2 I - W X
+            diag = diagonal(T)
+            diag += 2                                                # 2 I - W X
             self.X = self.X @ T
         elif live is not None and live < D and self.K == 0:
-            E = xp.zeros(W.shape[:-2] + (D, live), dtype=W.dtype)    # the first live columns of I
-            E[..., xp.arange(live), xp.arange(live)] = 1
-            self.X = _t(xp.linalg.solve(_t(W), E))                   # X[:live] W = I[:live]
+            E = xp.zeros(W.shape[:-2] + (D, live), dtype=xp.float64)  # the first live columns of I
+            diagonal(E)[...] = 1
+            self.X = _t(xp.linalg.solve(_t(W.astype(xp.float64)), E)).astype(W.dtype)   # X[:live] W = I[:live]
         else:
-            self.X = xp.linalg.inv(W)
+            self.X = xp.linalg.inv(W.astype(xp.float64, copy=False)).astype(W.dtype, copy=False)
         self.rho = None
         self.refreshes += 1
 
@@ -416,11 +454,28 @@ class _RefinedSolve:
             x[..., i:i + rows, :] = b @ X64                             # rounded to float32 once
             gram += _t(b) @ b                                           # (.., c, c)
         E = -(X64 @ W.astype(xp.float64))                               # (.., c, D)
-        E[..., xp.arange(c), xp.arange(c)] += 1                         # I[:c] - X_c W
-        be = xp.sqrt(xp.maximum((E * (gram @ E)).sum(), 0))             # ||B_c E||_F
+        diag = diagonal(E)
+        diag += 1                                                       # I[:c] - X_c W
         w2, b2, x2 = self.state.norm_squared(W), squared_norm(B), squared_norm(x)
         u, g = 2.0 ** -24, c * 2.0 ** -53 / (1 - c * 2.0 ** -53)
-        delta = u * xp.sqrt(x2.astype(xp.float64)) + g * xp.sqrt(b2.astype(xp.float64) * (X64 * X64).sum())
-        r = be + xp.sqrt(w2.astype(xp.float64)) * delta
-        self.sq = [w2, b2, x2, (r * r * (1 + 4 * u)).astype(B.dtype)]   # the float32 rounding of r^2 covered
+        f64 = np.float64
+        r2 = _ROWS_BOUND(_SUM_OF_PRODUCTS(E, gram @ E), _SUM_OF_PRODUCTS(X64, X64), w2, b2, x2, f64(u), f64(g),
+                         f64(1 + 4 * u), f64(1))
+        self.sq = [w2, b2, x2, r2.astype(B.dtype)]                        # the float32 rounding of r^2 covered
         return x
+
+
+def _rows_bound(xp):
+    """``_RefinedSolve._solve_by_rows``'s bound on r^2 from its sums, in float64 (``one`` =
+    1.0 casts the float32 norms exactly):
+    (||B_c E|| + w (u ||x|| + g ||B_c|| ||X_c||))^2 (1 + 4u)."""
+    def rows_bound(sum_ege, sum_xx, w2, b2, x2, u, g, k, one):
+        be = xp.sqrt(xp.maximum(sum_ege, 0))                                  # ||B_c E||_F
+        delta = u * xp.sqrt(x2 * one) + g * xp.sqrt(b2 * one * sum_xx)
+        r = be + xp.sqrt(w2 * one) * delta
+        return r * r * k
+    return rows_bound
+
+
+_ROWS_BOUND = Kernel(_rows_bound)
+_SUM_OF_PRODUCTS = Kernel(lambda xp: lambda a, b: xp.sum(a * b), name="sum_of_products")

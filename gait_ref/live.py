@@ -17,6 +17,7 @@ inverse (``Network.invert_layer``): the rules that read only live channels
 from __future__ import annotations
 
 from .backend import get_xp
+from .kernels import RawKernel
 
 
 def leading(V, c: int | None):
@@ -33,6 +34,17 @@ def widen(g, n: int):
         return g
     if c > n:
         raise ValueError(f"an array with {c} channels for a layer with {n}")
-    out = get_xp(g).zeros(g.shape[:-1] + (n,), dtype=g.dtype)
+    out = get_xp(g).empty(g.shape[:-1] + (n,), dtype=g.dtype)
+    if g.flags.c_contiguous:
+        return _WIDEN(g, c, n, out)                      # one kernel on a GPU (a memset and a copy before)
+    return _widen_host(g, c, n, out)
+
+
+def _widen_host(g, c, n, out):
+    out[..., c:] = 0
     out[..., :c] = g
     return out
+
+
+_WIDEN = RawKernel("raw T g, int64 c, int64 n", "T out",
+                   "long long col = i % n; out = col < c ? g[(i / n) * c + col] : (T)0;", "gait_ref_widen", _widen_host)

@@ -12,6 +12,8 @@ mean divides by ``n_total``, the global batch size when a batch is split over pr
 from __future__ import annotations
 
 from .backend import get_xp
+from .kernels import Kernel
+from .live import widen
 
 
 def _scale(reduction: str, n: int) -> float:
@@ -32,20 +34,43 @@ class SoftmaxCrossEntropy:
         return y[:, :self.n_classes]                                # (N, K)
 
     def value_and_grad(self, y, labels, n_total=None):
-        """y : (N, O >= K), labels : (N,) int -> (loss : 0-d array, dL/dy : (N, O))."""
+        """y : (N, O >= K), labels : (N,) int -> (loss : 0-d array, dL/dy : (N, O)).
+        With m the rows' maxima and lse = log sum exp(z - m), log p = (z - m) - lse; the
+        loss is -sum log p at the labels, the gradient softmax - onehot: five kernels on a
+        GPU (``_LOG_SUM_EXP``, ``_NLL``, ``_SOFTMAX_MINUS_ONEHOT`` and the max and the gather)."""
         xp = get_xp(y, labels)
         N, K = y.shape[0], self.n_classes
         z = self.logits(y)
-        z = z - z.max(axis=1, keepdims=True)
-        logp = z - xp.log(xp.exp(z).sum(axis=1, keepdims=True))     # (N, K)
-        rows = xp.arange(N)
+        m = z.max(axis=1, keepdims=True)
+        lse = _LOG_SUM_EXP(z, m)[:, None]                                   # (N, 1)
         s = _scale(self.reduction, N if n_total is None else n_total)
-        loss = -logp[rows, labels].sum() * s
-        gy = xp.zeros_like(y)
-        p = xp.exp(logp)
-        p[rows, labels] -= 1
-        gy[:, :K] = p * y.dtype.type(s)                              # softmax - onehot
-        return loss, gy
+        rows, cols = self._indices(xp, N, K)
+        loss = _NLL(z[rows, labels][:, None], m, lse, y.dtype.type(s))
+        p = _SOFTMAX_MINUS_ONEHOT(z, m, lse, cols, labels[:, None], y.dtype.type(s))    # (N, K)
+        return loss, widen(p, y.shape[1])
+
+    def _indices(self, xp, N: int, K: int):
+        """arange(N) and arange(K) on ``xp``, made once per shape (a launch each)."""
+        cache = self.__dict__.setdefault("_cache", {})
+        key = (xp.__name__, N, K)
+        if key not in cache:
+            cache.clear()
+            cache[key] = (xp.arange(N), xp.arange(K)[None, :])
+        return cache[key]
+
+
+# The cross-entropy's chains, one fused kernel each on a GPU (gait_ref.kernels).
+_LOG_SUM_EXP = Kernel(lambda xp: lambda z, m: xp.log(xp.sum(xp.exp(z - m), axis=1)), name="log_sum_exp")
+_NLL = Kernel(lambda xp: lambda z_label, m, lse, s: -xp.sum(z_label - m - lse) * s, name="nll")
+
+
+def _softmax_minus_onehot(xp):
+    def softmax_minus_onehot(z, m, lse, cols, labels, s):
+        return (xp.exp(z - m - lse) - (cols == labels)) * s
+    return softmax_minus_onehot
+
+
+_SOFTMAX_MINUS_ONEHOT = Kernel(_softmax_minus_onehot)
 
 
 class MeanSquaredError:

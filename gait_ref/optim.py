@@ -10,6 +10,7 @@ import math
 import numpy as np
 
 from .backend import get_xp, to_device, to_numpy
+from .kernels import Kernel
 
 
 # elements per block of an elementwise update on the CPU: five float32 blocks (parameter,
@@ -33,6 +34,26 @@ def _blocks(xp, p, g, *state):
     flat = [a.reshape(-1) for a in (p,) + others]
     for i in range(0, p.size, CPU_BLOCK):
         yield tuple(a[i:i + CPU_BLOCK] for a in flat)
+
+
+def _adam_update(xp, eps_placement: str):
+    """Adam's update of one parameter as one chain (``gait_ref.kernels``: one fused kernel
+    on a GPU); the same operations, in the same order, as ``Adam._update_blocks``."""
+    def adam(p, m, v, g, b1, c1, b2, c2, scale_v, eps, lr_t):
+        # m_t = b1 m_{t-1} + (1 - b1) g
+        m *= b1
+        m += g * c1
+        # v_t = b2 v_{t-1} + (1 - b2) g^2
+        v *= b2
+        v += g * g * c2
+        if eps_placement == "hat":
+            # theta -= lr * (m_t / (1 - b1^t)) / (sqrt(v_t / (1 - b2^t)) + eps)
+            p -= m / (xp.sqrt(v / scale_v) + eps) * lr_t
+        else:
+            # lr_t = lr sqrt(1 - b2^t) / (1 - b1^t);  theta -= lr_t m_t / (sqrt(v_t) + eps)
+            p -= m / (xp.sqrt(v) + eps) * lr_t
+    adam.__name__ = f"adam_{eps_placement}"
+    return adam
 
 
 def check_state_keys(kind: str, state: dict, expected: set) -> None:
@@ -60,14 +81,16 @@ class Adam:
         self.eps_placement = eps_placement
         self.t = 0
         self.m, self.v = {}, {}
+        self._kernel = None
 
     def step(self, params: dict, grads: dict) -> None:
-        """params[name] -= update(grads[name]), in place (one scratch array, no other
-        temporaries: Adam is memory traffic, a large part of a step on a CPU). On the CPU the
-        update runs block by block (``_blocks``), so that its dozen elementwise passes read
-        each block from cache and the arrays cross memory about once."""
+        """params[name] -= update(grads[name]), in place: one fused kernel per parameter on a
+        GPU (``_adam_update``); on the CPU the same chain block by block (``_update_blocks``)."""
         self.t += 1
         b1, b2, t = self.beta1, self.beta2, self.t
+        if self._kernel is None:
+            self._kernel = Kernel(lambda xp: _adam_update(xp, self.eps_placement), twin=self._update_blocks,
+                                  name=f"adam_{self.eps_placement}", inplace=(0, 1, 2))
         for name, p in params.items():
             g = grads[name]
             xp = get_xp(p, g)
@@ -78,32 +101,36 @@ class Adam:
             if self.eps_placement == "hat":
                 scale_v, lr_t = one(1 - b2 ** t), one(self.lr / (1 - b1 ** t))
             else:
-                lr_t = one(self.lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t))
-            tmp_all = None
-            for p_, g_, m, v in _blocks(xp, p, g, self.m[name], self.v[name]):
-                if tmp_all is None or tmp_all.size < p_.size:
-                    tmp_all = xp.empty(p_.size, p.dtype)
-                tmp = tmp_all[:p_.size].reshape(p_.shape)
-                # m_t = b1 m_{t-1} + (1 - b1) g
-                m *= one(b1)
-                xp.multiply(g_, c1, out=tmp)
-                m += tmp
-                # v_t = b2 v_{t-1} + (1 - b2) g^2
-                v *= one(b2)
-                xp.multiply(g_, g_, out=tmp)
-                tmp *= c2
-                v += tmp
-                if self.eps_placement == "hat":
-                    # theta -= lr * (m_t / (1 - b1^t)) / (sqrt(v_t / (1 - b2^t)) + eps)
-                    xp.divide(v, scale_v, out=tmp)
-                    xp.sqrt(tmp, out=tmp)
-                else:
-                    # lr_t = lr sqrt(1 - b2^t) / (1 - b1^t);  theta -= lr_t m_t / (sqrt(v_t) + eps)
-                    xp.sqrt(v, out=tmp)
-                tmp += one(self.eps)
-                xp.divide(m, tmp, out=tmp)
-                tmp *= lr_t
-                p_ -= tmp
+                scale_v, lr_t = one(1), one(self.lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t))
+            self._kernel(p, self.m[name], self.v[name], g, one(b1), c1, one(b2), c2, scale_v, one(self.eps), lr_t)
+
+    def _update_blocks(self, p, m_all, v_all, g, b1, c1, b2, c2, scale_v, eps, lr_t):
+        """``_adam_update`` on the host, in place with one scratch array and no other
+        temporaries (Adam is memory traffic, a large part of a step on a CPU), block by block
+        (``_blocks``), so that its dozen elementwise passes read each block from cache and the
+        arrays cross memory about once."""
+        xp = get_xp(p, g)
+        tmp_all = None
+        for p_, g_, m, v in _blocks(xp, p, g, m_all, v_all):
+            if tmp_all is None or tmp_all.size < p_.size:
+                tmp_all = xp.empty(p_.size, p.dtype)
+            tmp = tmp_all[:p_.size].reshape(p_.shape)
+            m *= b1                                        # m_t = b1 m_{t-1} + (1 - b1) g
+            xp.multiply(g_, c1, out=tmp)
+            m += tmp
+            v *= b2                                        # v_t = b2 v_{t-1} + (1 - b2) g^2
+            xp.multiply(g_, g_, out=tmp)
+            tmp *= c2
+            v += tmp
+            if self.eps_placement == "hat":                # sqrt(v_t / (1 - b2^t)) + eps
+                xp.divide(v, scale_v, out=tmp)
+                xp.sqrt(tmp, out=tmp)
+            else:                                          # sqrt(v_t) + eps
+                xp.sqrt(v, out=tmp)
+            tmp += eps
+            xp.divide(m, tmp, out=tmp)                     # theta -= lr_t m_t / (...)
+            tmp *= lr_t
+            p_ -= tmp
 
     def state_dict(self) -> dict:
         state = {"t": self.t}

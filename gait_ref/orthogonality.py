@@ -16,6 +16,8 @@ import math
 import numpy as np
 
 from .backend import get_xp, read_scalars
+from .kernels import Kernel
+from .linalg import diagonal
 
 FORMS = ("full", "offdiag")
 
@@ -28,11 +30,12 @@ def _residual(W, form: str):
         # numpy sends W @ W.T to BLAS's syrk (half the flops); whether that beats a GEMM with
         # a copy of W^T depends on the BLAS kernels (docs/BENCHMARKS.md, bench/step_parts.py)
         E = W @ W.T                                                 # (D, D)
-        E[xp.diag_indices(E.shape[0])] -= 1                         # W W^T - I
+        diag = diagonal(E)
+        diag -= 1                                                   # W W^T - I
         return E, lambda: E @ W
     if form == "offdiag":
         O = W.T @ W                                                 # W_p W_p^T
-        O[xp.diag_indices(O.shape[0])] = 0                          # * (J - I)
+        diagonal(O)[...] = 0                                        # * (J - I)
         return O, lambda: W @ O
     raise ValueError(f"unknown orthogonality form {form!r}; choose one of {FORMS}")
 
@@ -42,6 +45,15 @@ def ortho_penalty(W, form: str = "full"):
     is a 0-d array on W's device."""
     R, product = _residual(W, form)
     return (R * R).sum(), 4 * product()
+
+
+def _add_scaled(xp):
+    def add_scaled(g, P, c):
+        g += P * c
+    return add_scaled
+
+
+_ADD_SCALED = Kernel(_add_scaled, inplace=(0,))           # g += c P, one fused kernel on a GPU
 
 
 def add_ortho_grads(net, grads, lam: float, form: str = "full") -> None:
@@ -54,9 +66,7 @@ def add_ortho_grads(net, grads, lam: float, form: str = "full") -> None:
         W = layer.params["W"]
         if layer.square and W.ndim == 2:
             _, product = _residual(W, form)
-            P = product()
-            P *= W.dtype.type(4 * lam)
-            g["W"] += P
+            _ADD_SCALED(g["W"], product(), W.dtype.type(4 * lam))
 
 
 def orthogonality_report(net) -> dict:

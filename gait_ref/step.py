@@ -26,6 +26,7 @@ import numpy as np
 from .backend import get_xp, random_generator, read_scalars, to_numpy
 from .checkpoint import restore_params
 from .distributed import LOCAL, BatchSlice
+from .kernels import Kernel
 from .linalg import solve_amplifies_past
 from .metrics import compare_updates
 from .orthogonality import add_ortho_grads
@@ -66,15 +67,22 @@ class StepResult:
     loss_sum: object          # sum over the global batch of the per-sample losses, 0-d
     correct: object           # top-1 correct over the global batch, 0-d
     n: int                    # global batch size (host)
-    checks: object            # (K,) bool: True where a check passed
+    checks: object            # (K,) in the step's dtype: nonzero where a check failed
     check_names: list         # what each check's failure means, as a phrase (host)
     feedback_loss: dict = field(default_factory=dict)   # learned feedback: {layer: 0-d}
     measured: dict = field(default_factory=dict)        # measuring steps: host values
 
-    def first_failure(self, ok) -> str | None:
+    def first_failure(self, failed) -> str | None:
         """The first failed check's name, given the host copy of ``checks``."""
-        bad = [name for name, good in zip(self.check_names, ok) if not good]
+        bad = [name for name, f in zip(self.check_names, failed) if f != 0]
         return bad[0] if bad else None
+
+
+# One fused kernel each (gait_ref.kernels): 1.0 (in the dtype of ``zero``) where ``a`` holds a
+# non-finite entry, else 0.0; 1.0 where a solve shows its weights (nearly) singular.
+NONFINITE = Kernel(lambda xp: lambda a, zero: xp.any(~xp.isfinite(a)) + zero, name="nonfinite")
+AMPLIFIES = Kernel(lambda xp: lambda w2, b2, x2, cond_max, zero: solve_amplifies_past([w2, b2, x2], cond_max) + zero,
+                   name="amplifies")
 
 
 def output_grad_read(loss, gy):
@@ -167,11 +175,12 @@ class TrainStep:
         per_sample = n_total if self.loss.reduction == "mean" else 1
         stats = [(loss * per_sample).astype(dtype), topk_correct(self.loss.logits(tr.output), y, 1).astype(dtype)]
         # per layer, 1 where its output holds a non-finite entry (summed: the processes where it
-        # does); ``all`` rather than counting the entries, a third of the time on conv7's outputs
-        stats += [(~xp.isfinite(v).all()).astype(dtype) for v in tr.ys]
+        # does); ``any`` rather than counting the entries, a third of the time on conv7's outputs
+        zero = dtype.type(0)
+        stats += [NONFINITE(v, zero) for v in tr.ys]
         # exact inverses: ||B||^2 and ||x||^2 of every solve, summed over processes like the rows
         inverse = info.get("inverse_norms", {}) if self.cond_max else {}
-        stats += [v.astype(dtype) for sq in inverse.values() for v in sq[1:3]]
+        stats += [v.astype(dtype, copy=False) for sq in inverse.values() for v in sq[1:3]]
         keys = [(l, k) for l, g in enumerate(grads) for k in sorted(g)] if grads is not None else []
         arrays = [grads[l][k] for l, k in keys] + stats
         if measure:
@@ -186,11 +195,12 @@ class TrainStep:
         y_bad, solved = rest[:len(tr.ys)], rest[len(tr.ys):]
 
         # the first layer whose output went non-finite names the cause of a non-finite loss
-        checks = [b == 0 for b in y_bad] + [xp.isfinite(loss_sum)]
+        checks = list(y_bad) + [NONFINITE(loss_sum, zero)]
         names = [f"the output of layer {layer.name} is not finite" for layer in net.layers] + ["the loss is not finite"]
         # a (nearly) singular square layer: its solve is finite but huge (linalg.solve_amplifies_past)
         for i, (name, sq) in enumerate(inverse.items()):
-            checks.append(~solve_amplifies_past([sq[0].astype(dtype), *solved[2 * i:2 * i + 2]], self.cond_max))
+            checks.append(AMPLIFIES(sq[0].astype(dtype, copy=False), *solved[2 * i:2 * i + 2], dtype.type(self.cond_max),
+                                    zero))
             names.append(f"layer {name}'s exact inverse amplifies by more than cond_max = {self.cond_max:g}, "
                          "so its weights are (nearly) singular")
         measured = self._measure(tr, grads, bp_grads, summed[len(keys) + len(stats):], keys, batch) if measure else {}
@@ -205,11 +215,11 @@ class TrainStep:
             if step % self.ortho_every == 0:
                 add_ortho_grads(net, grads, self.ortho_lambda * self.ortho_every, self.ortho_form)
             flat = {f"{net.layers[l].name}.{k}": grads[l][k] for l, k in keys}
-            checks += [xp.isfinite(g).all() for g in flat.values()]
+            checks += [NONFINITE(g, zero) for g in flat.values()]
             names += [f"the update of {name} is not finite" for name in flat]
             self.opt.step(net.parameters(), flat)
         params = self.parameters()
-        checks += [xp.isfinite(p).all() for p in params.values()]
+        checks += [NONFINITE(p, zero) for p in params.values()]
         names += [f"the weights {name} after the step is not finite" for name in params]
         return StepResult(loss_sum, correct, n_total, xp.stack(checks), names, fb_loss, measured)
 

@@ -125,8 +125,8 @@ class Trainer:
         if result is None:
             return
         with self.comm.waiting(f"step {step_no}'s all-reduce"):   # with NCCL, the host waits here
-            ok = to_numpy(result.checks)
-        failed = result.first_failure(ok)
+            flags = to_numpy(result.checks)
+        failed = result.first_failure(flags)
         if failed:
             self.check_conditioning()          # a singular square layer is the usual cause: name it
             raise DivergenceError(f"step {step_no}: {failed}")

@@ -419,14 +419,14 @@ def test_the_step_flags_a_nearly_singular_layer_by_name(xp, solver, dtype):
         rule = make_rule("gait", net, inverse_solver=solver)
         res = TrainStep(net, SoftmaxCrossEntropy(12), rule, Adam(lr=1e-4), cond_max=1e6)(x, y, step=1, epoch=0)
         return res, asnumpy(res.checks)
-    res, ok = step()
-    assert ok.all(), res.first_failure(ok)
+    res, failed = step()
+    assert not failed.any(), res.first_failure(failed)
     W = net.layers[1].params["W"]
     W[:, 1] = W[:, 0] + (1e-8 if dtype == np.float64 else 0) * W[:, 1]      # cond about 1.4e8, or singular
     with np.errstate(all="ignore"):
-        res, ok = step()
-    assert res.first_failure(ok).startswith("layer l1's exact inverse amplifies by more than cond_max = 1e+06"), \
-        res.first_failure(ok)
+        res, failed = step()
+    assert res.first_failure(failed).startswith("layer l1's exact inverse amplifies by more than cond_max = 1e+06"), \
+        res.first_failure(failed)
 
 
 def test_a_singular_layer_stops_training_by_name_and_keeps_the_last_good_checkpoint(tmp_path):

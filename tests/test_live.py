@@ -175,8 +175,8 @@ def test_the_training_step_hands_the_rules_the_units_the_loss_reads(xp, rule, mo
     from gait_ref.step import TrainStep
     K, params, seen = 3, [], []
     gamma, operator = TargetRule._gamma, RefinedInverse.operator
-    monkeypatch.setattr(TargetRule, "_gamma", lambda self, d, dist, size: seen.append(("size", size))
-                        or gamma(self, d, dist, size))
+    monkeypatch.setattr(TargetRule, "_gamma", lambda self, d, sq_norms, size, s: seen.append(("size", size))
+                        or gamma(self, d, sq_norms, size, s))
     monkeypatch.setattr(RefinedInverse, "operator", lambda self, W, rows=0, **kw: seen.append(("rows", rows))
                         or operator(self, W, rows, **kw))
     rng0 = np.random.default_rng(2)

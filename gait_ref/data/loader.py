@@ -16,7 +16,16 @@ view; the convolutions want channels-last memory anyway).
 
 To the device. Each batch is one host-to-device copy: images and labels packed into one
 page-locked (pinned) buffer, copied asynchronously on a copy stream that the compute
-stream waits on. Conversion to the run's dtype, the /255, mean/std and any integer box
+stream waits on, into one of a ring of device buffers the loader owns (``DEVICE_RING``).
+A batch's device memory is never freed to CuPy's pool: the pool is stream-ordered, so a
+buffer allocated on the copy stream and dropped after the step would go straight to the
+copy stream's next batch while the compute stream may still be reading it (the copy
+stream does not wait for the compute stream). Instead, at each request for a batch the
+loader records an event on the compute stream, and the copy into a ring slot first waits
+on the event recorded at the request before: everything the caller queued on the slot's
+previous batch (two batches earlier) is then ordered before the overwrite, and the copy
+still overlaps the step before it. So a batch's arrays stay valid until two more batches
+have been requested. Conversion to the run's dtype, the /255, mean/std and any integer box
 downscale happen on the device. With ``in_memory="device"`` the whole uint8 data set
 lives on the device and a batch is a gather: no copy per step at all (the epoch's
 permutation is copied once per epoch).
@@ -287,6 +296,9 @@ class _ThreadReader:
 
 
 # ---- the loader ---------------------------------------------------------------------------------------------
+DEVICE_RING = 3          # device batch buffers: a slot is reused two requests after its batch
+
+
 class BatchLoader:
     def __init__(self, data, batch_size: int, xp, dtype, shuffle=True, seed=0, drop_last=True,
                  mean=None, std=None, prefetch: int = 2, image_size: int | None = None, workers: int = 0,
@@ -316,6 +328,7 @@ class BatchLoader:
         self.reader, self._device_data = None, None    # set up at the first epoch (after verification)
         self._shards = shards_under(data)
         self._pinned, self._copy_stream = [], None
+        self._ring, self._ring_next, self._requested = [None] * DEVICE_RING, 0, None
 
     def _setup(self):
         """Load into memory, or start the reader (worker processes get the data set as it is
@@ -387,21 +400,41 @@ class BatchLoader:
         self._pinned.append((buf, None))
         return buf, len(self._pinned) - 1
 
+    def _ring_slot(self, nbytes):
+        """The next device buffer of the ring (see the module docstring) and the compute
+        stream's event its copy must wait for: the one recorded at the request before this
+        one, after every use of the slot's last batch (None for a new buffer)."""
+        xp = self.xp
+        compute = xp.cuda.get_current_stream()
+        previous, self._requested = self._requested, compute.record()    # the caller's work so far
+        i = self._ring_next
+        self._ring_next = (i + 1) % DEVICE_RING
+        slot = self._ring[i]
+        if slot is None or slot.nbytes < nbytes:
+            slot = self._ring[i] = xp.empty((nbytes,), dtype=xp.uint8)      # on the compute stream's arena
+            previous = None                                                # nothing has read it yet
+        return slot[:nbytes], previous
+
     def _copy_to_device(self, x_u8, y):
-        """One host-to-device copy of (images, labels) through a pinned buffer, on a copy
-        stream the compute stream then waits on. Returns device (x uint8 NCHW-shaped, y)."""
+        """One host-to-device copy of (images, labels) through a pinned buffer into a ring
+        slot, on a copy stream the compute stream then waits on. Returns device (x uint8
+        NCHW-shaped, y), views of the slot."""
         xp = self.xp
         last = channels_last(x_u8)
         store = x_u8.transpose(0, 2, 3, 1) if last else x_u8             # memory order of the batch
         nx = store.size
         off = -(-nx // 8) * 8
-        buf, i = self._pinned_buffer(off + 8 * len(y))
+        n = off + 8 * len(y)
+        buf, i = self._pinned_buffer(n)
         np.copyto(buf[:nx].reshape(store.shape), store)
-        buf[off:off + 8 * len(y)].view(np.int64)[:] = y
+        buf[off:n].view(np.int64)[:] = y
         if self._copy_stream is None:
             self._copy_stream = xp.cuda.Stream(non_blocking=True)
+        dev, reusable = self._ring_slot(n)
         with self._copy_stream:
-            dev = xp.asarray(buf[:off + 8 * len(y)], blocking=False)    # async from pinned memory
+            if reusable is not None:
+                self._copy_stream.wait_event(reusable)   # the slot's last batch is no longer read
+            dev.set(buf[:n], stream=self._copy_stream)  # async from pinned memory
             ev = self._copy_stream.record()
         xp.cuda.get_current_stream().wait_event(ev)
         self._pinned[i] = (buf, ev)

@@ -17,7 +17,24 @@ real CuPy refuses:
   synchronisation in ``counters["sync"]`` (``Stream.synchronize``,
   ``Event.synchronize``, ``cuda.Device.synchronize``), and every host-to-device copy in
   ``counters["h2d"]`` / ``counters["h2d_bytes"]`` (``asarray`` of host data,
-  ``ndarray.set``, host index arrays).
+  ``ndarray.set``, host index arrays);
+* CuPy's own reads inside its functions (``argpartition`` reads twice through
+  ``unravel_index``, ``nonzero``, one-argument ``where``, ``unique``, ``repeat`` with an
+  array, ...): ``cupy-syncs.json``, made from CuPy 14.2's source by ``find_syncs.py``,
+  lists every function that reads and how often, and every function that does not; a
+  call of a listed one adds its reads to ``counters["d2h"]`` (and
+  ``counters["internal_reads"]``). ``called`` collects every name gait_ref calls, so a
+  test can refuse a call that is in neither list;
+* kernel launches, as CuPy 14.2 makes them (``launches.py``): ``counters["launch"]``,
+  and ``counters["pointer_tables"]`` for the host-to-device pointer tables of a
+  concatenate of more than 8 arrays (apart from ``h2d``). ``with launch_trace() as t:`` records
+  each launch's kind, bytes and flops for the cost model (``bench/gpu_model.py``);
+* CuPy's stream-ordered memory pool (``memory.py``): an array belongs to the stream it
+  was allocated on, and a read, write or reuse across streams that nothing orders
+  raises ``StreamOrderError``;
+* CuPy's dtypes and layouts where they differ from numpy's: elementwise results are
+  C-ordered (numpy keeps the inputs' layout), and ``linalg`` computes float32 in float32
+  (numpy computes it in float64 and rounds).
 
 Reductions return 0-d device arrays, as in CuPy, so ``float(x.sum())`` is a counted
 read. Random numbers come from ``random.default_rng(seed)`` (numpy's PCG64 under the
@@ -27,6 +44,7 @@ exist and record wall-clock times; work runs eagerly, so an event is always done
 """
 from __future__ import annotations
 
+import builtins as _builtins
 import json
 import threading
 import time
@@ -36,11 +54,32 @@ from pathlib import Path
 import numpy as _np
 import scipy.linalg as _scipy_linalg
 
+from . import launches as _launches
+from .memory import StreamMemory, StreamOrderError  # noqa: F401  (StreamOrderError is public)
+
 API = json.loads((Path(__file__).with_name("cupy-api.json")).read_text())
+SYNC_SURVEY = json.loads((Path(__file__).with_name("cupy-syncs.json")).read_text())
 __version__ = API["cupy_version"] + "+emulated"
 
-counters = {"d2h": 0, "sync": 0, "h2d": 0, "h2d_bytes": 0}
+counters = {"d2h": 0, "sync": 0, "h2d": 0, "h2d_bytes": 0, "launch": 0, "pointer_tables": 0, "internal_reads": 0}
+called: set = set()          # every CuPy name gait_ref has called, qualified ("cupy.ndarray.sum")
+memory = StreamMemory()      # the stream-ordered pool's model (memory.py)
+_trace = None                # a list while ``launch_trace()`` is on: one dict per launch, for the cost model
 _lock = threading.Lock()
+
+# Calls whose internal read depends on the arguments (the survey lists them as syncing): the
+# condition under which CuPy 14.2 reads, as found in its source.
+_SYNCS_WHEN = {
+    "cupy.where": lambda args, kwargs: len(args) + len(kwargs) == 1,           # nonzero(condition)
+    "cupy.repeat": lambda args, kwargs: _repeats_array(args[1:2] or [kwargs.get("repeats")]),
+    "cupy.ndarray.repeat": lambda args, kwargs: _repeats_array(args[1:2] or [kwargs.get("repeats")]),
+    "cupy.ndarray.__getitem__": lambda args, kwargs: False,    # boolean masks: counted by _index
+}
+
+
+def _repeats_array(r) -> bool:
+    r = r[0]
+    return isinstance(r, (ndarray, _np.ndarray, list, tuple)) and _np.size(r._a if isinstance(r, ndarray) else r) > 1
 
 
 def reset_counters() -> dict:
@@ -55,6 +94,98 @@ def reset_counters() -> dict:
 def _count(key: str, n: int = 1) -> None:
     with _lock:
         counters[key] += n
+
+
+def written_list(writes) -> list:
+    return list(writes) if isinstance(writes, (list, tuple)) else [] if writes is None else [writes]
+
+
+def fused(name: str, impl, args, writes=(), api="cupy.fuse"):
+    """A fused kernel (``cupy.fuse``, or ``api="cupy.ElementwiseKernel"``, see
+    gait_ref.kernels) run as its numpy code ``impl``: one launch, reading its array
+    arguments and writing ``writes`` (device arrays it updates in place)."""
+    return _wrap(_call(api, impl, args, writes=[w._a for w in writes], launches=1, kind="elementwise",
+                       label=f"fused:{name}"))
+
+
+class launch_trace:
+    """``with launch_trace() as launches:`` records every kernel launch made inside: its name,
+    kind (gemm, solver, copy, elementwise, rng), bytes read and written, and GEMM flops."""
+
+    def __enter__(self):
+        global _trace
+        self._outer, _trace = _trace, []
+        return _trace
+
+    def __exit__(self, *exc):
+        global _trace
+        self.records, _trace = _trace, self._outer
+        if self._outer is not None:
+            self._outer.extend(self.records)
+        return False
+
+
+def _current_stream():
+    return getattr(_Stream._current, "stream", None) or _Stream.null
+
+
+def _array_results(res):
+    if isinstance(res, _np.ndarray):
+        return [res]
+    if isinstance(res, (tuple, list)):
+        return [r for r in res if isinstance(r, _np.ndarray)]
+    return []
+
+
+def _scalars_to_arrays(res):
+    """numpy scalars -> 0-d arrays (CuPy returns device arrays from reductions)."""
+    if isinstance(res, _np.generic):
+        return _np.asarray(res)
+    if isinstance(res, tuple):
+        return tuple(_scalars_to_arrays(r) for r in res)
+    return res
+
+
+def _call(name: str, impl, args=(), kwargs=None, *, writes=None, kind=None, launches=None, label=None):
+    """Run one CuPy call on numpy storage, as CuPy would: its internal reads, the stream
+    order of what it reads and writes, its kernel launches; returns numpy results."""
+    kwargs = kwargs or {}
+    called.add(name)
+    inputs = []
+    a, k = _unwrap(args, name, inputs), _unwrap(kwargs, name, inputs)
+    stream = _current_stream()
+    survey = SYNC_SURVEY["syncs"].get(name)
+    if survey is not None and _SYNCS_WHEN.get(name, lambda *_: True)(args, kwargs):
+        _count("d2h", survey["reads"])
+        _count("internal_reads", survey["reads"])
+        memory.host_waited(stream)
+    res = _scalars_to_arrays(impl(*a, **k))
+    new = [r for r in _array_results(res) if not _launches.is_view_of(r, inputs)]
+    if launches is None:
+        launches = 0 if (not new and writes is None) or name.rsplit(".", 1)[-1] in _launches.ALLOCATION_ONLY else 1
+    if launches:                              # a kernel reads its inputs (a view reads nothing)
+        for x in inputs:
+            memory.read(x, stream)
+    for w in written_list(writes):
+        memory.write(w, stream)
+    for r in new:
+        memory.allocate(r, stream)
+    short = name.rsplit(".", 1)[-1]
+    if launches and short in _launches.CONCATENATING and new:
+        seq = [x for x in inputs if not _builtins.any(x is w for w in written_list(writes))]
+        launches, tables = _launches.concatenate_cost(seq, new[0].dtype)
+        _count("pointer_tables", tables)
+    elif launches and short in _launches.LIBRARY_CALLS:
+        launches = _launches.LIBRARY_CALLS[short]
+    if launches:
+        _count("launch", launches)
+        if _trace is not None:
+            out_bytes = _builtins.sum(r.nbytes for r in new) + _builtins.sum(w.nbytes for w in written_list(writes))
+            flops = _launches.gemm_flops(inputs[0], inputs[1]) if short in _launches.GEMMS and len(inputs) > 1 else 0
+            _trace.append({"name": label or name, "kind": kind or _launches.kind_of(short), "launches": launches,
+                           "bytes": _builtins.sum(x.nbytes for x in inputs) + out_bytes, "flops": flops,
+                           "dtype": str(new[0].dtype if new else inputs[0].dtype if inputs else "")})
+    return res
 
 
 # ---- device arrays -----------------------------------------------------------------------------
@@ -86,15 +217,18 @@ def _refuse_host(obj, where: str):
                         "operation (move it with gait_ref.backend.to_device first)")
 
 
-def _unwrap(obj, where: str):
-    """Device arrays -> their numpy storage, recursively; numpy arrays are refused."""
+def _unwrap(obj, where: str, inputs=None):
+    """Device arrays -> their numpy storage, recursively (appended to ``inputs`` when
+    given); numpy arrays are refused."""
     if isinstance(obj, ndarray):
+        if inputs is not None:
+            inputs.append(obj._a)
         return obj._a
     _refuse_host(obj, where)
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_unwrap(o, where) for o in obj)
+        return type(obj)(_unwrap(o, where, inputs) for o in obj)
     if isinstance(obj, dict):
-        return {k: _unwrap(v, where) for k, v in obj.items()}
+        return {k: _unwrap(v, where, inputs) for k, v in obj.items()}
     return obj
 
 
@@ -107,14 +241,29 @@ def _wrap(obj):
         return ndarray(_np.asarray(obj))
     if isinstance(obj, tuple):
         return tuple(_wrap(o) for o in obj)
-    if isinstance(obj, list) and obj and all(isinstance(o, _np.ndarray) for o in obj):
+    if isinstance(obj, list) and obj and _builtins.all(isinstance(o, _np.ndarray) for o in obj):
         return [ndarray(o) for o in obj]
     return obj
 
 
-def _is_host_index(key) -> bool:
+def _device_parts(key) -> tuple:
+    """The device arrays inside an index (they are read by the gather or scatter)."""
     keys = key if isinstance(key, tuple) else (key,)
-    return any(isinstance(k, (_np.ndarray, list)) for k in keys)
+    return tuple(k for k in keys if isinstance(k, ndarray))
+
+
+def _c_contiguous(res):
+    """CuPy's elementwise kernels write C-ordered outputs (``_kernel.pyx``:
+    ``_get_out_args_from_optionals`` -> ``_ndarray_init``), where numpy keeps the inputs' layout."""
+    if isinstance(res, _np.ndarray) and res.ndim > 1 and not res.flags.c_contiguous:
+        return _np.ascontiguousarray(res)
+    if isinstance(res, tuple):
+        return tuple(_c_contiguous(r) for r in res)
+    return res
+
+
+def _c_order(impl):
+    return lambda *a, **k: _c_contiguous(impl(*a, **k))
 
 
 def _index(key, where: str):
@@ -181,18 +330,24 @@ class ndarray:
         if name not in API["cupy"] or method != "__call__":
             return NotImplemented
         out = kwargs.pop("out", None)
-        res = getattr(ufunc, method)(*_unwrap(inputs, name), **_unwrap(kwargs, name),
-                                     **({"out": _unwrap(out, name)} if out else {}))
-        return out[0] if out else _wrap(res)
+        if out:
+            _call(f"cupy.{name}", lambda *a, **k: ufunc(*a[:-1], out=a[-1], **k), inputs + (out[0],), kwargs,
+                  writes=out[0]._a)
+            return out[0]
+        return _wrap(_call(f"cupy.{name}", _c_order(ufunc), inputs, kwargs))
 
     def __array_function__(self, func, types_, args, kwargs):
         name = func.__name__
-        if name not in API["cupy"] or not all(issubclass(t, ndarray) for t in types_):
+        if name not in API["cupy"] or not _builtins.all(issubclass(t, ndarray) for t in types_):
             return NotImplemented
         return globals()[name](*args, **kwargs) if name in globals() else NotImplemented
 
     def _read(self):
+        """A device-to-host copy: CuPy synchronises the current stream, then copies."""
         _count("d2h")
+        stream = _current_stream()
+        memory.read(self._a, stream)
+        memory.host_waited(stream)
         return self._a
 
     def __float__(self):
@@ -224,34 +379,42 @@ class ndarray:
         return self._read().tobytes(order)
 
     def nonzero(self):
+        called.add("cupy.ndarray.nonzero")
         return _wrap(self._read().nonzero())
 
     def set(self, arr, stream=None):
-        """Copy host data into this array (an H2D copy)."""
+        """Copy host data into this array (an H2D copy, on ``stream`` or the current one)."""
         arr = _np.asarray(arr)
         if arr.shape != self.shape:
             raise ValueError(f"set: shape {arr.shape} does not match {self.shape}")
+        called.add("cupy.ndarray.set")
         _count("h2d")
         _count("h2d_bytes", arr.nbytes)
+        memory.write(self._a, stream or _current_stream())
         self._a[...] = arr
 
     # -- indexing -----------------------------------------------------------------------------------
     def __getitem__(self, key):
-        return _wrap(self._a[_index(key, "__getitem__")])
+        k = _index(key, "__getitem__")
+        return _wrap(_call("cupy.ndarray.__getitem__", lambda a, *idx: a[k], (self,) + _device_parts(key)))
 
     def __setitem__(self, key, value):
+        k = _index(key, "__setitem__")
         if isinstance(value, _np.ndarray) and value.ndim > 0:
             _count("h2d")                                   # CuPy copies a host value over
             _count("h2d_bytes", value.nbytes)
-            v = value
+            v, dev = value, ()
         else:
             v = _unwrap(value, "__setitem__")
-        self._a[_index(key, "__setitem__")] = v
+            dev = (value,) if isinstance(value, ndarray) else ()
+        _call("cupy.ndarray.__setitem__", lambda *_: self._a.__setitem__(k, v), (self,) + dev + _device_parts(key),
+              writes=self._a, launches=1)
 
     def __len__(self):
         return len(self._a)
 
     def __iter__(self):
+        called.add("cupy.ndarray.__iter__")
         return (ndarray(_np.asarray(r)) if not isinstance(r, _np.ndarray) else ndarray(r) for r in self._a)
 
     def __copy__(self):
@@ -266,14 +429,15 @@ class ndarray:
 
 def _binary(name):
     def op(self, other):
-        return _wrap(getattr(self._a, name)(_unwrap(other, name)))
+        res = _call(f"cupy.ndarray.{name}", _c_order(lambda a, b: getattr(a, name)(b)), (self, other))
+        return NotImplemented if res is NotImplemented else _wrap(res)
     op.__name__ = name
     return op
 
 
 def _inplace(name):
     def op(self, other):
-        getattr(self._a, name)(_unwrap(other, name))
+        _call(f"cupy.ndarray.{name}", lambda a, b: getattr(a, name)(b), (self, other), writes=self._a)
         return self
     op.__name__ = name
     return op
@@ -281,7 +445,7 @@ def _inplace(name):
 
 def _unary(name):
     def op(self):
-        return _wrap(getattr(self._a, name)())
+        return _wrap(_call(f"cupy.ndarray.{name}", _c_order(lambda a: getattr(a, name)()), (self,), launches=1))
     op.__name__ = name
     return op
 
@@ -300,9 +464,16 @@ for _d in ("__neg__", "__pos__", "__abs__", "__invert__"):
 ndarray.__hash__ = None
 
 
+_IN_PLACE_METHODS = {"fill", "sort", "partition", "put", "setfield"}
+
+
 def _method(name):
+    qual = f"cupy.ndarray.{name}"
+    writes = name in _IN_PLACE_METHODS
+
     def m(self, *args, **kwargs):
-        return _wrap(getattr(self._a, name)(*_unwrap(args, name), **_unwrap(kwargs, name)))
+        return _wrap(_call(qual, lambda a, *r, **k: getattr(a, name)(*r, **k), (self,) + args, kwargs,
+                           writes=self._a if writes else None))
     m.__name__ = name
     return m
 
@@ -315,9 +486,13 @@ for _n in API["cupy.ndarray"]:
 
 
 # ---- the namespace ---------------------------------------------------------------------------------
-def _function(name, impl):
+def _function(name, impl, prefix="cupy"):
+    qual = f"{prefix}.{name}"
+    run = _c_order(impl) if isinstance(impl, _np.ufunc) else impl
+
     def f(*args, **kwargs):
-        return _wrap(impl(*_unwrap(args, name), **_unwrap(kwargs, name)))
+        out = kwargs.get("out")
+        return _wrap(_call(qual, run, args, kwargs, writes=out._a if isinstance(out, ndarray) else None))
     f.__name__ = name
     f.__qualname__ = name
     return f
@@ -325,21 +500,27 @@ def _function(name, impl):
 
 def asarray(a, dtype=None, order=None, *, blocking=False):
     """Host data -> a device array (an H2D copy); a device array passes through."""
+    called.add("cupy.asarray")
     if isinstance(a, ndarray):
         return a if dtype is None else a.astype(dtype, copy=False)
     host = _np.asarray(a, dtype=dtype, order=order)
     _count("h2d")
     _count("h2d_bytes", host.nbytes)
-    return ndarray(_np.array(host, copy=True))
+    dev = _np.array(host, copy=True)
+    memory.allocate(dev, _current_stream())
+    memory.write(dev, _current_stream())
+    return ndarray(dev)
 
 
 def array(obj, dtype=None, copy=True, order="K", subok=False, ndmin=0, *, blocking=False):
     if isinstance(obj, ndarray):
-        return ndarray(_np.array(obj._a, dtype=dtype, copy=copy, order=order, ndmin=ndmin))
+        return _wrap(_call("cupy.array", lambda a: _np.array(a, dtype=dtype, copy=copy, order=order, ndmin=ndmin),
+                           (obj,)))
     return asarray(_np.array(obj, dtype=dtype, order=order, ndmin=ndmin))
 
 
 def asnumpy(a, stream=None, order="C", out=None, *, blocking=True):
+    called.add("cupy.asnumpy")
     return a.get(order=order, out=out) if isinstance(a, ndarray) else _np.asarray(a, order=order)
 
 
@@ -365,33 +546,87 @@ for _n in API["cupy"]:
 globals().update(_namespace)
 
 
-def _submodule(name, source, names, own=None):
+def _submodule(name, source, names, own=None, prefix=None):
     mod = types.ModuleType(f"{__name__}.{name}")
     for n in names:
         if own and n in own:
             setattr(mod, n, own[n])
         elif not n.startswith("_") and hasattr(source, n) and callable(getattr(source, n)):
-            setattr(mod, n, _function(n, getattr(source, n)))
+            setattr(mod, n, _function(n, getattr(source, n), prefix or f"cupy.{name}"))
     return mod
 
 
-linalg = _submodule("linalg", _np.linalg, API["cupy.linalg"])
+# ---- linalg in the input's dtype ------------------------------------------------------------------------
+# numpy.linalg computes float32 in float64 and rounds the result; CuPy runs cuSOLVER's float32
+# routines (cupy/linalg/_util.py: linalg_common_type keeps float32). scipy.linalg's LAPACK calls keep
+# the dtype too (sgesv, sgetri, sgesdd, sgeqrf), so the emulator's float32 is a GPU's float32.
+def _stacked(one):
+    def run(a, *rest, **kwargs):
+        if a.ndim == 2:
+            return one(a, *rest, **kwargs)
+        out = [one(a[i], *(r[i] for r in rest), **kwargs) for i in _np.ndindex(a.shape[:-2])]
+        if isinstance(out[0], tuple):
+            return tuple(_np.stack([o[j] for o in out]).reshape(a.shape[:-2] + out[0][j].shape)
+                         for j in range(len(out[0])))
+        return _np.stack(out).reshape(a.shape[:-2] + out[0].shape)
+    return run
+
+
+def _in_dtype(a, *others):
+    t = _np.result_type(a, *others)
+    return t if t in (_np.float32, _np.float64) else _np.float64
+
+
+def _solve(a, b):
+    t = _in_dtype(a, b)
+    vector = b.ndim == 1
+    x = _stacked(lambda m, r: _scipy_linalg.solve(m, r, check_finite=False))(
+        a.astype(t, copy=False), (b[:, None] if vector else b).astype(t, copy=False))
+    return x[:, 0] if vector else x
+
+
+def _inv(a):
+    return _stacked(lambda m: _scipy_linalg.inv(m, check_finite=False))(a.astype(_in_dtype(a), copy=False))
+
+
+def _svd(a, full_matrices=True, compute_uv=True, hermitian=False):
+    t = _in_dtype(a)
+    run = _stacked(lambda m: _scipy_linalg.svd(m, full_matrices=full_matrices, compute_uv=compute_uv,
+                                               check_finite=False))
+    return run(a.astype(t, copy=False))
+
+
+def _qr(a, mode="reduced"):
+    if mode != "reduced":
+        raise NotImplementedError("the emulator's qr supports mode='reduced' (what gait_ref uses)")
+    return _stacked(lambda m: _scipy_linalg.qr(m, mode="economic", check_finite=False))(
+        a.astype(_in_dtype(a), copy=False))
+
+
+linalg = _submodule("linalg", _np.linalg, API["cupy.linalg"],
+                    own={n: _function(n, f, "cupy.linalg") for n, f in
+                         (("solve", _solve), ("inv", _inv), ("svd", _svd), ("qr", _qr))})
 lib = types.ModuleType(f"{__name__}.lib")
-lib.stride_tricks = _submodule("lib.stride_tricks", _np.lib.stride_tricks, API["cupy.lib.stride_tricks"])
+lib.stride_tricks = _submodule("lib.stride_tricks", _np.lib.stride_tricks, API["cupy.lib.stride_tricks"],
+                               prefix="cupy.lib.stride_tricks")
 
 
 # ---- random -------------------------------------------------------------------------------------
 class Generator:
-    """CuPy's Generator API over numpy's PCG64 (same calls, not the same numbers)."""
+    """CuPy's Generator API over numpy's PCG64 (same calls, not the same numbers). CuPy's
+    default bit generator (XORWOW) initialises its state with one kernel launch."""
 
     def __init__(self, seed):
         self._g = _np.random.default_rng(seed)
+        called.add("cupy.random.default_rng")
+        _count("launch")
 
     def __getattr__(self, name):
         if name not in API["cupy.random.Generator"]:
             raise AttributeError(f"cupy.random.Generator has no attribute {name!r}")
         impl = getattr(self._g, name)
-        return lambda *a, **k: _wrap(_np.asarray(impl(*_unwrap(a, name), **_unwrap(k, name))))
+        return lambda *a, **k: _wrap(_call(f"cupy.random.Generator.{name}", lambda *a, **k: _np.asarray(impl(*a, **k)),
+                                           a, k, kind="rng"))
 
 
 def default_rng(seed=None):
@@ -416,10 +651,12 @@ class _Stream:
 
     @property
     def done(self):
+        memory.host_waited(self)
         return True
 
     def synchronize(self):
         _count("sync")
+        memory.host_waited(self)
 
     def record(self, event=None):
         event = Event() if event is None else event
@@ -427,7 +664,8 @@ class _Stream:
         return event
 
     def wait_event(self, event):
-        pass
+        if event._where is not None:
+            memory.wait(self, *event._where)
 
     def use(self):
         _Stream._current.stream = self
@@ -448,16 +686,23 @@ class Event:
     def __init__(self, block=False, disable_timing=False, interprocess=False):
         self.ptr = id(self)
         self._t = None
+        self._where = None          # (stream, logical time) of the last record
 
     def record(self, stream=None):
         self._t = time.perf_counter()
+        self._where = (stream or _current_stream(), memory.tick())
 
     @property
     def done(self):
+        """Work runs eagerly, so a recorded event is complete (and the host now knows it)."""
+        if self._where is not None:
+            memory.host_waited(*self._where)
         return True
 
     def synchronize(self):
         _count("sync")
+        if self._where is not None:
+            memory.host_waited(*self._where)
 
 
 def get_elapsed_time(start_event, end_event) -> float:
@@ -473,6 +718,7 @@ class Device:
 
     def synchronize(self):
         _count("sync")
+        memory.host_waited()
 
     @property
     def mem_info(self):
@@ -489,17 +735,13 @@ class Device:
         return False
 
 
-def _get_current_stream():
-    return getattr(_Stream._current, "stream", None) or _Stream.null
-
-
 _Stream.null = _Stream(null=True)
 cuda = types.ModuleType(f"{__name__}.cuda")
 cuda.Stream = _Stream
 cuda.Event = Event
 cuda.Device = Device
 cuda.get_elapsed_time = get_elapsed_time
-cuda.get_current_stream = _get_current_stream
+cuda.get_current_stream = _current_stream
 cuda.is_available = is_available
 cuda.runtime = types.SimpleNamespace(getDeviceCount=lambda: 1)
 
@@ -511,21 +753,19 @@ def empty_pinned(shape, dtype=float, order="C"):
 
 
 def _lu_factor(a, overwrite_a=False, check_finite=True):
-    lu, piv = _scipy_linalg.lu_factor(_unwrap(a, "lu_factor"), overwrite_a=overwrite_a, check_finite=False)
-    return ndarray(lu), ndarray(piv)
+    return _scipy_linalg.lu_factor(a, overwrite_a=overwrite_a, check_finite=False)
 
 
 def _lu_solve(lu_and_piv, b, trans=0, overwrite_b=False, check_finite=True):
-    lu, piv = lu_and_piv
-    return ndarray(_scipy_linalg.lu_solve((_unwrap(lu, "lu_solve"), _unwrap(piv, "lu_solve")),
-                                          _unwrap(b, "lu_solve"), trans=trans, check_finite=False))
+    return _scipy_linalg.lu_solve(tuple(lu_and_piv), b, trans=trans, check_finite=False)
 
 
 cupyx = types.ModuleType(f"{__name__}.cupyx")
 cupyx.empty_pinned = empty_pinned
 cupyx.scipy = types.SimpleNamespace(linalg=_submodule(
     "cupyx.scipy.linalg", _scipy_linalg, API["cupyx.scipy.linalg"],
-    own={"lu_factor": _lu_factor, "lu_solve": _lu_solve}))
+    own={"lu_factor": _function("lu_factor", _lu_factor, "cupyx.scipy.linalg"),
+         "lu_solve": _function("lu_solve", _lu_solve, "cupyx.scipy.linalg")}, prefix="cupyx.scipy.linalg"))
 
 import sys as _sys  # noqa: E402
 

@@ -57,6 +57,7 @@ import numpy as np
 from ..backend import get_xp, read_scalars
 from ..distributed import BatchSlice
 from ..live import widen
+from ..kernels import Kernel
 from ..linalg import (InverseFailure, RefinedInverse, SingularWeights, SquareInverse, max_corrections, residual_bound,
                       solver_for)
 
@@ -86,6 +87,35 @@ def _solve_rows(layer, W, n_total: int) -> int:
     return math.prod(layer.out_shape) // (W.shape[-1] * matrices) * n_total
 
 
+# The recursion's elementwise steps, one fused kernel each on a GPU (gait_ref.kernels).
+# eq. 18 with eq. 21's scale: (y_l - t_l) f'(h_l) s_l = (-d) f' s
+_SCALED_DELTA = Kernel(lambda xp: lambda d, fp, s: (-d) * fp * s, name="scaled_delta")
+# eps_l d_l for GAIT-prop (eq. 16: gamma f'(h_l)^2) and ITP (eq. 12: gamma), per sample
+_GAIT_EPS_D = Kernel(lambda xp: lambda g, fp, d: g * fp * fp * d, name="gait_eps_d")
+_ITP_EPS_D = Kernel(lambda xp: lambda g, d: g * d, name="itp_eps_d")
+
+
+def _normalized_gamma(xp, squared: bool):
+    """Scaling paper eq. 5: gamma_l = num / ||d_l|| (or / ||d_l||^2), 1 where d_l = 0, from
+    the squared norms; and the next scale s_{l-1} = s_l / gamma_l (eq. 21)."""
+    def normalized_gamma(sq_norms, s, num, one):
+        dist = xp.sqrt(sq_norms)
+        denom = dist * dist if squared else dist
+        safe = xp.where(denom > 0, denom, one)
+        gamma = xp.where(denom > 0, num / safe, one)
+        return gamma, s / gamma
+    normalized_gamma.__name__ = "normalized_gamma_squared" if squared else "normalized_gamma"
+    return normalized_gamma
+
+
+# the mean target distance, mean_n ||d_{l,n}||, from the squared norms
+_MEAN_NORM = Kernel(lambda xp: lambda sq_norms, n: xp.sum(xp.sqrt(sq_norms)) / n, name="mean_norm")
+
+
+_NORMALIZED_GAMMA = {sq: Kernel(lambda xp, sq=sq: _normalized_gamma(xp, sq), name=f"normalized_gamma_{int(sq)}")
+                     for sq in (False, True)}
+
+
 class TargetRule:
     needs_square = True
 
@@ -111,17 +141,16 @@ class TargetRule:
         self.stats = {"steps": 0, "recursions": 0, "solves": 0, "corrections": 0}   # refine, for benchmarks
 
     # ---- the incremental factor ------------------------------------------------------------
-    def _gamma(self, d, dist, size: int):
-        """gamma_l: a float (vanilla) or an (N,) array (normalized, scaling paper eq. 5);
-        ``dist`` is (N,) ||d_{l,n}||, ``size`` is D_l, all units of the layer (auxiliary ones
-        included)."""
+    def _gamma(self, d, sq_norms, size: int, s):
+        """(gamma_l, s_l / gamma_l): gamma_l a float (vanilla) or an (N,) array (normalized,
+        scaling paper eq. 5); ``sq_norms`` is (N,) ||d_{l,n}||^2, ``size`` is D_l, all units
+        of the layer (auxiliary ones included); ``s`` the scale s_l (eq. 21, unchanged for TP)."""
         if self.gamma_mode == "vanilla":
-            return self.gamma
-        xp = get_xp(d)
-        denom = dist * dist if self.norm == "squared" else dist
+            return self.gamma, (s if self.mode == "tp" else s / self.gamma)
         num = self.gamma * (math.sqrt(size) if self.sqrt_dim else 1.0)
-        safe = xp.where(denom > 0, denom, 1)
-        return xp.where(denom > 0, d.dtype.type(num) / safe, d.dtype.type(1))  # d = 0: gamma 1
+        one = d.dtype.type(1)
+        gamma, scaled = _NORMALIZED_GAMMA[self.norm == "squared"](sq_norms, s, d.dtype.type(num), one)   # d = 0: 1
+        return gamma, (s if self.mode == "tp" else scaled)
 
     def _eps(self, gamma, fp):
         """eps_l: 1 (TP), gamma (ITP, eq. 12) or gamma f'(h_l)^2 (GAIT-prop, eq. 16)."""
@@ -129,6 +158,13 @@ class TargetRule:
             return 1
         g = gamma if isinstance(gamma, float) else _per_sample(gamma, fp)
         return g * fp * fp if self.mode == "gait" else g
+
+    def _eps_times(self, gamma, fp, d):
+        """eps_l d_l (``_eps``) in one kernel."""
+        if self.mode == "tp":
+            return d
+        g = d.dtype.type(gamma) if isinstance(gamma, float) else _per_sample(gamma, fp)
+        return _GAIT_EPS_D(g, fp, d) if self.mode == "gait" else _ITP_EPS_D(g, d)
 
     # ---- the recursion -----------------------------------------------------------------------
     def compute(self, tr, gy, labels=None, batch: BatchSlice | None = None):
@@ -250,22 +286,22 @@ class TargetRule:
             y, h = (tr.ys[l], tr.hs[l]) if c is None else (tr.ys[l][:, :c], tr.hs[l][:, :c])
             fp = f.deriv(h)
             # eq. 18: dW_l = y_{l-1}^T ((y_l - t_l) * f'(h_l)), times s_l (eq. 21)
-            grads[l] = layer.param_grads((-d) * fp * _per_sample(s, d), tr.caches[l])
-            dn = xp.sqrt(_squared_norms(d))                                 # (N,) ||d_{l,n}||
-            dist[l] = dn.mean()                                              # 0-d, on the device
+            grads[l] = layer.param_grads(_SCALED_DELTA(d, fp, _per_sample(s, d)), tr.caches[l])
+            sq_norms = _squared_norms(d)                                     # (N,) ||d_{l,n}||^2
+            dist[l] = _MEAN_NORM(sq_norms, d.dtype.type(d.shape[0]))         # 0-d, on the device
             if l == 0:
                 break
-            gamma = self._gamma(d, dn, math.prod(layer.out_shape))
-            eps = self._eps(gamma, fp)
+            # s_{l-1} = s_l / gamma_l (eq. 21), made with gamma, used from the next layer down
+            gamma, s_next = self._gamma(d, sq_norms, math.prod(layer.out_shape), s)
             op = make_op(l, layer.params["W"], c)
             if self.form == "difference":
                 # d_{l-1} = (f^-1(y + eps d) - f^-1(y)) W^-1, exactly
-                d = layer.inverse_delta(f.inverse_difference(y, eps * d), tr.caches[l], op,
+                d = layer.inverse_delta(f.inverse_difference(y, self._eps_times(gamma, fp, d)), tr.caches[l], op,
                                         read_only=live[l - 1] is not None)
             else:
                 # t_{l-1} = g_l^-1((1 - eps) y + eps t), eq. 17
+                eps = self._eps(gamma, fp)
                 t = net.invert_layer(l, (1 - eps) * y + eps * t, tr, op)
                 d = t - tr.ys[l - 1]
-            if self.mode != "tp":
-                s = s / gamma                        # s_{l-1} = s_l / gamma_l, eq. 21
+            s = s_next
         return grads, {"target_distance": dist}
