@@ -20,7 +20,7 @@ can be audited on a real GPU too. Random numbers for weights come from a seeded
 ``numpy.random.Generator`` on the CPU and are moved with ``to_device``, so numpy and
 cupy runs start from bit-identical parameters; per-step noise is drawn on the device
 by ``random_generator`` (keyed by the run seed and the step, so nothing but the step
-number needs checkpointing).
+number needs checkpointing; counter-based Philox on a device).
 """
 from __future__ import annotations
 
@@ -231,12 +231,16 @@ def synchronize(xp) -> None:
 
 
 def random_generator(xp, key):
-    """A random Generator on ``xp``'s device, seeded by the integer sequence ``key``
-    (numpy: PCG64 via SeedSequence; cupy: XORWOW via SeedSequence). Draws happen on
-    the device: ``random_generator(xp, [seed, stream, step]).standard_normal(shape, dtype=...)``.
-    numpy and cupy give different numbers for the same key."""
+    """Normal draws keyed by the integer sequence ``key``:
+    ``random_generator(xp, [seed, stream, step]).standard_normal(shape, dtype=...)``. numpy:
+    numpy's Generator (PCG64 via SeedSequence); a device: Philox4x32-10 keyed by 64 bits of
+    the whole key, drawn on the device by one kernel (``gait_ref.philox``: the same numbers on
+    every card and after a resume, no generator state). The two give different numbers."""
     key = [int(k) for k in key]
-    return np.random.default_rng(key) if xp is np else xp.random.default_rng(key)
+    if xp is np:
+        return np.random.default_rng(key)
+    from .philox import PhiloxNormal                  # (philox -> kernels imports this module)
+    return PhiloxNormal(xp, key)
 
 
 class StepTimer:

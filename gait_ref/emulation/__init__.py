@@ -181,7 +181,12 @@ def _call(name: str, impl, args=(), kwargs=None, *, writes=None, kind=None, laun
         _count("launch", launches)
         if _trace is not None:
             out_bytes = _builtins.sum(r.nbytes for r in new) + _builtins.sum(w.nbytes for w in written_list(writes))
-            flops = _launches.gemm_flops(inputs[0], inputs[1]) if short in _launches.GEMMS and len(inputs) > 1 else 0
+            if short in _launches.GEMMS and len(inputs) > 1:
+                flops = _launches.gemm_flops(inputs[0], inputs[1])
+            elif short in _launches.LIBRARY_CALLS and inputs:
+                flops = _launches.solver_flops(short, inputs)
+            else:
+                flops = 0
             _trace.append({"name": label or name, "kind": kind or _launches.kind_of(short), "launches": launches,
                            "bytes": _builtins.sum(x.nbytes for x in inputs) + out_bytes, "flops": flops,
                            "dtype": str(new[0].dtype if new else inputs[0].dtype if inputs else "")})

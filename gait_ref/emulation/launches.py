@@ -77,6 +77,19 @@ def gemm_flops(a: np.ndarray, b: np.ndarray) -> int:
     return 2 * m * n * k * batch
 
 
+def solver_flops(name: str, inputs) -> int:
+    """The textbook flop counts of a solver call on (.., n, n) matrices: LU 2/3 n^3, the
+    triangular solves 2 n^2 per right-hand side, an inverse 2 n^3, QR 4/3 n^3, an SVD 12 n^3."""
+    a = inputs[0]
+    n = a.shape[-1]
+    batch = int(np.prod(a.shape[:-2])) if a.ndim > 2 else 1
+    b = inputs[-1] if name == "lu_solve" else inputs[1] if len(inputs) > 1 else None
+    rhs = b.shape[-1] if b is not None and b.ndim == a.ndim else 1
+    per = {"solve": 2 * n ** 3 / 3 + 2 * n * n * rhs, "inv": 2 * n ** 3, "qr": 4 * n ** 3 / 3, "svd": 12 * n ** 3,
+           "lu_factor": 2 * n ** 3 / 3, "lu_solve": 2 * n * n * rhs}[name]
+    return int(batch * per)
+
+
 def kind_of(name: str) -> str:
     if name in GEMMS:
         return "gemm"
