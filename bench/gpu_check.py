@@ -16,10 +16,13 @@ Steps, most important first:
               float64 and float32, on the same weights and batch
 4. resume     train, stop, resume: the records equal an uninterrupted run's, bit for bit
 5. traffic    host reads and copies per step (``bench/device_traffic.py``)
-6. rates      GP/BP step times (``bench/perf.py --only ratio``; the quick mode prints the flop
-              floor instead, which times nothing)
-7. loader     the shard loader's rate (``bench/loader.py``)
-8. row-solve  float64 row solves against the residual (``bench/row_solve.py``)
+6. launches   kernel launches and CuPy's internal reads per step, as the emulator counts
+              them for CuPy 14.2 (``bench/launches.py``; the same on any host)
+7. model      BP and GP step times on the device beside the cost model's projection for
+              the card (``bench/gpu_model.py --measure``; conv7 at 64 px and the deep MLP,
+              batch 256)
+8. loader     the shard loader's rate (``bench/loader.py``)
+9. row-solve  float64 row solves against the residual (``bench/row_solve.py``)
 
 Each step stops at its time limit; the full mode's limits add up to 8 minutes. The test
 suite runs the quick mode on the emulated device (tests/test_gpu_check.py), so
@@ -52,21 +55,23 @@ def steps(backend: str, quick: bool, out: Path) -> list:
     on_shards = [] if quick else ["--task", "imagenet", "--data", str(shards), "--arch", "conv7"]
     return big + [
         ("smoke", py + [__file__, "--step", "smoke", "--backend", backend], 30),
-        ("tests", py + ["-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"], 80),
+        ("tests", py + ["-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"], 70),
         ("compare", py + [__file__, "--step", "compare", "--backend", backend] + (["--quick"] if quick else []), 40),
         ("resume", py + [__file__, "--step", "resume", "--backend", backend, "--out", str(out / "resume")]
          + (["--quick"] if quick else []), 60),
         ("traffic", py + [str(ROOT / "bench/device_traffic.py"), "--backend", backend, "--steps", "4" if quick else "30",
-                          "--batch", "8" if quick else "256"] + on_shards, 60),
-        ("rates", py + [str(ROOT / "bench/perf.py"), "--backend", "numpy" if backend == "emulated" else backend,
-                        "--only", "floor" if quick else "ratio"], 80),
+                          "--batch", "8" if quick else "256"] + on_shards, 45),
+        ("launches", py + [str(ROOT / "bench/launches.py")] + (["--nets", "mlp-shallow"] if quick else []), 30),
+        ("model", py + [str(ROOT / "bench/gpu_model.py"), "--measure", "numpy" if backend == "emulated" else backend,
+                        "--configs", "mlp-shallow:8" if quick else "conv7-64:256,mlp-deep:256",
+                        "--json", str(out / "model.json")], 80),
         ("loader", py + [str(ROOT / "bench/loader.py"), "--backend", backend, "--images", "256" if quick else "8192",
                          "--per-shard", "64" if quick else "256", "--workers", "0" if quick else "0,2,4",
                          "--batch", "16" if quick else "256", "--repeats", "1"] + ([] if quick else ["--data", str(shards)]),
          40),
         ("row-solve", py + [str(ROOT / "bench/row_solve.py"), "--backend", "numpy" if backend == "emulated" else backend,
                             "--px", "64", "--repeats", "1" if quick else "3"] if quick else
-         py + [str(ROOT / "bench/row_solve.py"), "--backend", backend, "--repeats", "3"], 50),
+         py + [str(ROOT / "bench/row_solve.py"), "--backend", backend, "--repeats", "3"], 45),
     ]
 
 

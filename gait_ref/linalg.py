@@ -78,8 +78,11 @@ MAX_CORRECTIONS = {4: 2, 8: 5}
 NEWTON_FROM = 1e-2             # a kept X whose uncorrected solve was this close renews by Newton-Schulz
 POWER_WARMUP = 10              # power-iteration steps from the fixed start vector
 # rows x D entries per block of _RefinedSolve._solve_by_rows's float64 product (32 MiB): at
-# ImageNet's 224 px, batch 256, conv2's whole product would be 347 MB of float64 (200,704 x 216)
+# ImageNet's 224 px, batch 256, conv2's whole product would be 347 MB of float64 (200,704 x 216).
+# A memory budget, not maths: on a device (tens of GB) 512 MiB, where each block is five kernel
+# launches (48 blocks there were 240 launches a step, half of a GP step's, bench/launches.py)
 ROWS_BLOCK = 1 << 22
+DEVICE_ROWS_BLOCK = 1 << 26
 
 
 def backward_errors(sq: list, world: int = 1) -> list:
@@ -448,7 +451,8 @@ class _RefinedSolve:
         X64 = X.astype(xp.float64)
         x = xp.empty(B.shape[:-1] + (D,), dtype=B.dtype)
         gram = xp.zeros(B.shape[:-2] + (c, c), dtype=xp.float64)
-        rows = max(1, ROWS_BLOCK // D)            # float64 temporaries of at most ROWS_BLOCK entries
+        block = ROWS_BLOCK if xp is np else DEVICE_ROWS_BLOCK
+        rows = max(1, block // D)                 # float64 temporaries of at most that many entries
         for i in range(0, M, rows):
             b = B[..., i:i + rows, :].astype(xp.float64)
             x[..., i:i + rows, :] = b @ X64                             # rounded to float32 once

@@ -347,6 +347,7 @@ def test_the_row_inverse_solve_bounds_its_backward_error_from_above(xp, monkeypa
     D, c, M = 48, 7, 120
     if block_rows is not None:
         monkeypatch.setattr(linalg, "ROWS_BLOCK", block_rows * D)
+        monkeypatch.setattr(linalg, "DEVICE_ROWS_BLOCK", block_rows * D)
     U, V = (np.linalg.qr(rng.standard_normal(stack + (D, D)))[0] for _ in range(2))
     W64 = (U * np.geomspace(1.0, cond, D)) @ V
     W = W64.astype(np.float32)
