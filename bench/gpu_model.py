@@ -28,15 +28,12 @@ import sys
 from pathlib import Path
 
 import click
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gait_ref import emulation as em  # noqa: E402
-from gait_ref.assembly import build_step  # noqa: E402
-from gait_ref.config import Config  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from launches import built_step  # noqa: E402
 
-NETS = {"conv7-64": ("conv7", (3, 64, 64), 1000), "conv7-224": ("conv7", (3, 224, 224), 1000),
-        "mlp-deep": ("mlp-deep", (784,), 10), "mlp-shallow": ("mlp-shallow", (3072,), 10)}
+from gait_ref import emulation as em  # noqa: E402
 
 # Peak rates from NVIDIA's H100 datasheet (SXM5): FP32 67 TFLOPS (CUDA cores; CuPy does not
 # use TF32 unless CUPY_TF32=1), FP64 tensor core 67 TFLOPS (cuBLAS's DGEMM), FP64 34 TFLOPS,
@@ -53,12 +50,7 @@ CARDS = {
 
 def trace_step(net: str, rule: str, batch: int, steps: int = 3, dtype: str = "float32"):
     """The launch records and counters of step ``steps`` (the earlier ones build the inverses)."""
-    arch, in_shape, classes = NETS[net]
-    cfg = Config(arch=arch, rule=rule, backend="emulated", batch_size=batch, dtype=dtype).resolved()
-    step = build_step(cfg, in_shape, classes, em)
-    rng = np.random.default_rng(0)
-    x = em.asarray(rng.random((batch,) + in_shape, dtype=np.float32).astype(dtype))
-    y = em.asarray(rng.integers(0, classes, batch))
+    step, x, y = built_step(net, rule, batch, dtype)
     for n in range(1, steps + 1):
         em.reset_counters()
         with em.launch_trace() as records:
@@ -81,8 +73,8 @@ def project(records, counts, card: dict) -> dict:
             solver += r["flops"] / (card["fp64_flops"] * card["solver_efficiency"]) + card["solver_overhead"]
             solver_flops += r["flops"]
         else:
-            elementwise += r["launches"] * max(card["kernel_floor"],
-                                               r["bytes"] / r["launches"] / (card["bandwidth"] * card["stream_efficiency"]))
+            streamed = r["bytes"] / r["launches"] / (card["bandwidth"] * card["stream_efficiency"])
+            elementwise += r["launches"] * max(card["kernel_floor"], streamed)
             moved += r["bytes"]
     reads = counts["d2h"] + counts["sync"]
     device = gemm + solver + elementwise
@@ -102,11 +94,7 @@ def measure_ms(net: str, rule: str, batch: int, backend: str, steps: int = 5, wa
 
     from gait_ref.backend import get_backend, synchronize
     xp = get_backend(backend)
-    arch, in_shape, classes = NETS[net]
-    step = build_step(Config(arch=arch, rule=rule, batch_size=batch, dtype=dtype).resolved(), in_shape, classes, xp)
-    rng = np.random.default_rng(0)
-    x = xp.asarray(rng.random((batch,) + in_shape, dtype=np.float32).astype(dtype))
-    y = xp.asarray(rng.integers(0, classes, batch))
+    step, x, y = built_step(net, rule, batch, dtype, xp)
     for n in range(1, warmup + 1):
         step(x, y, step=n, epoch=0)
     synchronize(xp)
@@ -147,9 +135,9 @@ def main(configs, rules, card, json_out, measure):
     print(" ".join(f"{h:>10}" for h in head))
     for r in rows:
         vals = (r["net"], r["batch"], r["rule"], r["launches"], r["reads"], f"{r['gemm_gflop']:.1f}",
-                f"{r['solver_gflop']:.1f}", f"{r['elementwise_gb']:.2f}", f"{r['gemm_ms']:.2f}", f"{r['solver_ms']:.2f}",
-                f"{r['elementwise_ms']:.2f}", f"{r['device_ms']:.2f}", f"{r['host_ms']:.2f}", f"{r['step_ms']:.2f}",
-                f"{r['batch_copy_ms']:.2f}") + ((f"{r['measured_ms']:.2f}",) if measure else ())
+                f"{r['solver_gflop']:.1f}", f"{r['elementwise_gb']:.2f}", f"{r['gemm_ms']:.2f}",
+                f"{r['solver_ms']:.2f}", f"{r['elementwise_ms']:.2f}", f"{r['device_ms']:.2f}", f"{r['host_ms']:.2f}",
+                f"{r['step_ms']:.2f}", f"{r['batch_copy_ms']:.2f}") + ((f"{r['measured_ms']:.2f}",) if measure else ())
         print(" ".join(f"{v:>10}" for v in vals))
     if measure:
         print(f"measured: mean of 5 steps after 3 on --backend {measure}, synchronised; the model is for {card}")

@@ -28,14 +28,21 @@ NETS = {"conv7-64": ("conv7", (3, 64, 64), 1000), "conv7-224": ("conv7", (3, 224
 TARGETS = {("conv7-64", "gait"): 500, ("conv7-64", "bp"): 250}
 
 
+def built_step(net: str, rule: str, batch: int, dtype: str = "float32", xp=em):
+    """(the training step as run.py builds it, a random batch) on ``xp``, the emulated device
+    unless said otherwise."""
+    arch, in_shape, classes = NETS[net]
+    cfg = Config(arch=arch, rule=rule, batch_size=batch, dtype=dtype).resolved()
+    step = build_step(cfg, in_shape, classes, xp)
+    rng = np.random.default_rng(0)
+    x = xp.asarray(rng.random((batch,) + in_shape, dtype=np.float32).astype(dtype))
+    y = xp.asarray(rng.integers(0, classes, batch))
+    return step, x, y
+
+
 def step_counts(net: str, rule: str, steps: int = 4, batch: int = 8, by_name: bool = False, dtype="float32"):
     """Mean launches, internal reads, all reads and copies per step over steps 2..steps."""
-    arch, in_shape, classes = NETS[net]
-    cfg = Config(arch=arch, rule=rule, backend="emulated", batch_size=batch, dtype=dtype).resolved()
-    step = build_step(cfg, in_shape, classes, em)
-    rng = np.random.default_rng(0)
-    x = em.asarray(rng.random((batch,) + in_shape, dtype=np.float32).astype(dtype))
-    y = em.asarray(rng.integers(0, classes, batch))
+    step, x, y = built_step(net, rule, batch, dtype)
     rows, names = [], Counter()
     for n in range(1, steps + 1):
         em.reset_counters()

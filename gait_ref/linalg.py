@@ -113,7 +113,7 @@ def solve_amplifies_past(sq, cond_max: float):
     ``condition_lower_bound``) past it: the weights are (nearly) singular. A non-finite x
     fails too (NaN compares false); B = 0 solved by x = 0 passes."""
     w2, b2, x2 = sq[:3]
-    c = cond_max if isinstance(cond_max, np.generic) else w2.dtype.type(cond_max)
+    c = w2.dtype.type(cond_max) if isinstance(cond_max, (int, float)) else cond_max    # typed (or in a fused kernel)
     return ~(w2 * x2 <= b2 * (c * c))
 
 
@@ -205,7 +205,7 @@ _NARROW_MINUS = RawKernel("raw T B, int64 c, int64 n", "T r",
 
 
 # One fused kernel each on a GPU (gait_ref.kernels): sum(a^2) over the last axis; a / sqrt(s)
-_SUM_OF_SQUARES_LAST = Kernel(lambda xp: lambda a: xp.sum(a * a, axis=-1), name="sum_of_squares_last")
+_SUM_OF_SQUARES_LAST = Kernel(lambda xp: lambda a: xp.sum(a * a, axis=a.ndim - 1), name="sum_of_squares_last")
 _DIVIDE_BY_SQRT = Kernel(lambda xp: lambda a, s: a / xp.sqrt(s), name="divide_by_sqrt")
 
 
@@ -281,8 +281,8 @@ class RefinedInverse:
         inverse is about cond(W) times less exact: on the emulator, which computes linalg in
         the input dtype as CuPy does, conv7's conv2 at 64 px (D = 216) then missed the
         bound with its rows-only inverse and fell back to a corrected full inverse
-        (tests/test_device_emulation.py, the narrow right-hand sides test). The float64 LU costs a GPU little (2 D^3 flops,
-        0.06 TFLOP for the 3072-wide layer)."""
+        (tests/test_device_emulation.py, the narrow right-hand sides test). The float64 LU
+        costs a GPU little (2 D^3 flops, 0.06 TFLOP for the 3072-wide layer)."""
         xp = get_xp(W)
         if K is not None:
             self.K = K

@@ -25,7 +25,6 @@ FORMS = ("full", "offdiag")
 def _residual(W, form: str):
     """The penalty's matrix R and the product P whose gradient is 4 P: value sum R^2.
     'full': R = W W^T - I, gradient 4 R W; 'offdiag': R = W^T W * (J - I), gradient 4 W R."""
-    xp = get_xp(W)
     if form == "full":
         # numpy sends W @ W.T to BLAS's syrk (half the flops); whether that beats a GEMM with
         # a copy of W^T depends on the BLAS kernels (docs/BENCHMARKS.md, bench/step_parts.py)

@@ -117,11 +117,17 @@ def test_elementwise_outputs_are_c_ordered_as_in_cupy():
 
 
 # ---- the stream-ordered pool ---------------------------------------------------------------------------
-def test_a_read_before_waiting_for_the_copy_that_wrote_it_is_refused():
+def copied_on_a_side_stream():
+    """(the copy stream, an array copied on it, the event recorded after the copy)."""
     copy = em.cuda.Stream(non_blocking=True)
     with copy:
         dev = em.asarray(np.ones(8, np.float32))
         ev = copy.record()
+    return copy, dev, ev
+
+
+def test_a_read_before_waiting_for_the_copy_that_wrote_it_is_refused():
+    copy, dev, ev = copied_on_a_side_stream()
     with pytest.raises(StreamOrderError, match="reads"):
         dev * 2                                                           # the null stream did not wait
     em.cuda.get_current_stream().wait_event(ev)
@@ -129,10 +135,7 @@ def test_a_read_before_waiting_for_the_copy_that_wrote_it_is_refused():
 
 
 def test_a_buffer_freed_under_another_streams_reads_is_refused_at_the_owners_next_allocation():
-    copy = em.cuda.Stream(non_blocking=True)
-    with copy:
-        dev = em.asarray(np.ones(8, np.float32))
-        ev = copy.record()
+    copy, dev, ev = copied_on_a_side_stream()
     em.cuda.get_current_stream().wait_event(ev)
     y = dev * 2                                                            # read on the null stream
     del dev
@@ -142,10 +145,7 @@ def test_a_buffer_freed_under_another_streams_reads_is_refused_at_the_owners_nex
 
 
 def test_a_host_read_orders_what_it_waited_for():
-    copy = em.cuda.Stream(non_blocking=True)
-    with copy:
-        dev = em.asarray(np.ones(8, np.float32))
-        ev = copy.record()
+    copy, dev, ev = copied_on_a_side_stream()
     em.cuda.get_current_stream().wait_event(ev)
     float((dev * 2).sum())                                                 # the host waited for the null stream
     del dev

@@ -187,3 +187,53 @@ def test_a_training_step_is_within_the_launch_targets():
         counts, _ = step_counts(net, rule)
         assert counts["launch"] <= target, (net, rule, counts)
         assert counts["internal_reads"] == 0 and counts["h2d"] == 0, counts
+
+
+# ---- on a GPU: the compiled kernels against what the host runs ------------------------------------------
+@pytest.fixture
+def cupy():
+    from gait_ref.backend import cupy_available
+    if not cupy_available():
+        pytest.skip("cupy or a CUDA GPU is not available")
+    import cupy
+    return cupy
+
+
+@pytest.mark.gpu
+def test_the_raw_cuda_kernels_equal_their_twins_on_a_gpu(cupy):
+    rng = np.random.default_rng(5)
+    for K, S, H, pad in [(3, 1, 9, "same"), (3, 2, 9, "same"), (5, 2, 12, "valid")]:
+        g = ConvGeometry(4, H, H, K, S, pad)
+        c = rng.standard_normal((3 * g.Ho * g.Wo, g.D)).astype(np.float32)
+        assert bits(col2im(cupy.asarray(c), g, 3).get()) == bits(col2im(c, g, 3))
+    gn = rng.standard_normal((6, 5)).astype(np.float32)
+    assert bits(widen(cupy.asarray(gn), 9).get()) == bits(widen(gn, 9))
+    r = rng.standard_normal((6, 9)).astype(np.float32)
+    assert bits(_NARROW_MINUS(cupy.asarray(gn), 5, 9, cupy.asarray(r)).get()) == bits(_narrow_minus_host(gn, 5, 9, r.copy()))
+
+
+@pytest.mark.gpu
+def test_the_fused_kernels_agree_with_the_host_on_a_gpu(cupy):
+    """cupy.fuse compiles the host's own code; the GPU may contract a * b + c into one FMA, so
+    agreement is to a few float32 roundings, not bit for bit."""
+    rng = np.random.default_rng(6)
+    p, g = rng.standard_normal((64, 33), dtype=np.float32), rng.standard_normal((64, 33), dtype=np.float32)
+    host, dev = Adam(), Adam()
+    hp, dp = {"w": p.copy()}, {"w": cupy.asarray(p)}
+    for t in range(3):
+        host.step(hp, {"w": g})
+        dev.step(dp, {"w": cupy.asarray(g)})
+    np.testing.assert_allclose(dp["w"].get(), hp["w"], rtol=1e-6, atol=1e-7)
+    act = LeakyReLU(0.1)
+    y = rng.standard_normal((4, 3, 5, 5)).astype(np.float32)
+    d = (rng.standard_normal(y.shape) * 1e-3).astype(np.float32)
+    np.testing.assert_allclose(act.inverse_difference(cupy.asarray(y), cupy.asarray(d)).get(),
+                               act.inverse_difference(y, d), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.gpu
+def test_philox_on_a_gpu_draws_the_hosts_numbers(cupy):
+    from gait_ref.philox import PhiloxNormal
+    dev = PhiloxNormal(cupy, [11, 5, 2]).standard_normal((1000,)).get()
+    host = PhiloxNormal(np, [11, 5, 2]).standard_normal((1000,))
+    np.testing.assert_allclose(dev, host, rtol=1e-12, atol=1e-12)     # integers exact; log/cos to an ulp or so

@@ -181,6 +181,7 @@ def classify(root: Path, api: dict) -> dict:
            "made_by": "python -m gait_ref.emulation.find_syncs <CuPy source at tag v" + api["cupy_version"] + ">",
            "reads": "distinct read sites reachable from the call: an upper bound where a site is on an error branch",
            "syncs": {}, "sync_free": []}
+
     def top_level(n):       # a function, or a class: what calling it and its instances runs
         return [q for q in defined.get(n, []) if "." not in q] + [q for q in (f"{n}.__init__", f"{n}.__call__")
                                                                   if q in funcs]
