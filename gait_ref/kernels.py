@@ -47,6 +47,11 @@ def _in_memory_order(args):
     return tuple(a.transpose(0, 2, 3, 1) if getattr(a, "ndim", 0) == 4 else a for a in args), True
 
 
+def _array_module(args):
+    """The backend of a kernel's array arguments (numpy scalars are parameters, not arrays)."""
+    return get_xp(*[a for a in args if hasattr(a, "shape") and not isinstance(a, np.generic)])
+
+
 def _back_to_nchw(res):
     if isinstance(res, tuple):
         return tuple(_back_to_nchw(r) for r in res)
@@ -64,7 +69,7 @@ class Kernel:
         self._fused = {}
 
     def __call__(self, *args):
-        xp = get_xp(*[a for a in args if hasattr(a, "shape") and not isinstance(a, np.generic)])
+        xp = _array_module(args)
         args, nhwc = _in_memory_order(args)
         if xp is np:
             res = self.twin(*args)
@@ -88,7 +93,7 @@ class RawKernel:
         self._compiled = {}
 
     def __call__(self, *args):
-        xp = get_xp(*[a for a in args if hasattr(a, "shape") and not isinstance(a, np.generic)])
+        xp = _array_module(args)
         if xp is np:
             return self.twin(*args)
         if xp is emulation:

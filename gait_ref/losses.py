@@ -29,6 +29,7 @@ class SoftmaxCrossEntropy:
 
     def __init__(self, n_classes: int, reduction: str = "sum"):
         self.n_classes, self.reduction = int(n_classes), reduction
+        self._index_cache = {}
 
     def logits(self, y):
         return y[:, :self.n_classes]                                # (N, K)
@@ -51,12 +52,10 @@ class SoftmaxCrossEntropy:
 
     def _indices(self, xp, N: int, K: int):
         """arange(N) and arange(K) on ``xp``, made once per shape (a launch each)."""
-        cache = self.__dict__.setdefault("_cache", {})
         key = (xp.__name__, N, K)
-        if key not in cache:
-            cache.clear()
-            cache[key] = (xp.arange(N), xp.arange(K)[None, :])
-        return cache[key]
+        if key not in self._index_cache:
+            self._index_cache = {key: (xp.arange(N), xp.arange(K)[None, :])}     # the last shape only
+        return self._index_cache[key]
 
 
 # The cross-entropy's chains, one fused kernel each on a GPU (gait_ref.kernels).
