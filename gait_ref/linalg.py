@@ -38,10 +38,15 @@ threads steal the cores the other needed (a GEMM then an LU: 42 ms alternating a
   backward error is bounded from the c x D error of those rows and a float64 product instead
   of the rows x D x D residual (``_RefinedSolve._solve_by_rows``). Elsewhere X is kept, and
   renewed (Newton-Schulz where it is close, else a fresh inverse) when the planned
-  corrections pass ``max_corrections(dtype)``; after a renewal the plan is that maximum, not
-  one, because the next step's W is a step's drift away again (planning one made a miss, and
-  a recomputation of the whole step's targets, at every renewal once the weights moved
-  steadily).
+  corrections pass the layer's ``correction_cap``: ``max_corrections(dtype)``, or more where a
+  renewal costs many corrections (D / (4 rows): a wide layer with few rows, such as conv7's
+  3072-wide output layer at 224 px, batch 32, which with two corrections missed the bound at
+  every other step and was renewed at every step). After a renewal the plan is that maximum
+  (one more where the cap allows), not one, because the next step's W is a step's drift away
+  again (planning one made a miss, and a recomputation of the whole step's targets, at every
+  renewal once the weights moved steadily); such layers plan one correction of margin, and a
+  miss on a kept inverse jumps to the corrections its contraction predicts
+  (``corrections_to_reach``), so the step is recomputed once, not once per correction.
 
 Why the backward error and not the relative residual ||r||_F / ||B||_F: a backward-stable
 solve leaves a relative residual of about eps x cond(W), so a bound on it cannot be met in
@@ -75,6 +80,7 @@ SOLVERS = ("auto", "refine", "lu")
 # D x D x D GEMMs once in a while); in float64, whose bound needs about (drift)^(K + 1)
 # <= 1e-14, 5
 MAX_CORRECTIONS = {4: 2, 8: 5}
+MAX_PLANNED = 8                # corrections a kept inverse may plan at most (correction_cap)
 NEWTON_FROM = 1e-2             # a kept X whose uncorrected solve was this close renews by Newton-Schulz
 POWER_WARMUP = 10              # power-iteration steps from the fixed start vector
 # rows x D entries per block of _RefinedSolve._solve_by_rows's float64 product (32 MiB): at
@@ -147,6 +153,34 @@ def condition_lower_bound(sq: list, world: int = 1) -> float:
 
 def max_corrections(dtype) -> int:
     return MAX_CORRECTIONS[np.dtype(dtype).itemsize]
+
+
+def correction_cap(dtype, rows: int, D: int) -> int:
+    """The most corrections a kept inverse may plan before it is renewed. A correction is two
+    GEMMs of rows x D x D (4 rows D^2 flops), a Newton-Schulz renewal two of D x D x D (4 D^3):
+    D / rows corrections cost one renewal. But corrections are paid at every step and grow
+    with the inverse's age (about one more a step on conv7's 3072-wide layer at 224 px: 3, 4,
+    6, 7, 8 at ages 1-5), so keeping an inverse pays only where a renewal costs several times
+    a step's corrections: the cap is D / (4 rows), at least ``max_corrections(dtype)`` (then
+    the layer renews as it always did; the deep MLP at batch 256 measured more corrections than
+    renewals saved with D / rows) and at most ``MAX_PLANNED`` (an inverse that needs more has
+    drifted so far that its contraction per correction is no longer small). conv7's output
+    layer at 224 px, batch 32: 24, so 8."""
+    if rows <= 0:                                       # rows unknown: the dtype's maximum
+        return max_corrections(dtype)
+    return int(min(MAX_PLANNED, max(max_corrections(dtype), D // (4 * int(rows)))))
+
+
+def corrections_to_reach(etas: list, target: float, rho) -> int | None:
+    """The corrections a solve like this one would need for its backward error to reach
+    ``target``, from its errors ``etas`` (after 0..K corrections) and their contraction per
+    correction ``rho``; None where the errors do not contract (rho unknown or >= 1)."""
+    if rho is None or not 0 < rho < 1 or not np.isfinite(etas[-1]):
+        return None
+    K = len(etas) - 1
+    if etas[-1] <= target:
+        return K
+    return K + int(math.ceil(math.log(target / etas[-1]) / math.log(rho)))
 
 
 def residual_bound(dtype) -> float:
@@ -243,6 +277,7 @@ class RefinedInverse:
         self.renewing = False          # X is renewed for the weights at every step (see operator)
         self.retry = False             # this solve recomputes a step after a miss (see operator)
         self.v = None                  # the power iteration's unit vector(s), (D,) or (P, D)
+        self.cap = None                # corrections planned at most, from the step's rows (operator)
         self.etas = []                 # the last checked solve's backward errors (check)
 
     def norm_squared(self, W):
@@ -314,6 +349,7 @@ class RefinedInverse:
         have been made or renewed for these very weights already, and what this attempt
         measures is no guide to the next step (see ``check``)."""
         self.renewing, self.retry = rows >= W.shape[-1], retry
+        self.cap = correction_cap(W.dtype, rows, W.shape[-1])
         if not retry:                 # on a retry, keep what the miss's fresh inverse set
             self.exact_now = False
         if self.X is None or self.X.shape[:-2] != W.shape[:-2] or self.X.shape[-1] != W.shape[-1]:
@@ -329,9 +365,10 @@ class RefinedInverse:
         """``sq``: this step's solve's ``_RefinedSolve.sq`` as read (summed over ``world``
         processes); its backward errors after 0..K corrections are kept in ``self.etas``.
         True if the last met the bound (and the fewest corrections that met bound / 4 are
-        planned for the next step); else the solver is strengthened: one more correction, or
-        past ``max_corrections(dtype)`` a fresh inverse of W (the weights this step solves
-        with). SingularWeights if the solve proves W numerically singular in its dtype
+        planned for the next step); else the solver is strengthened: a kept inverse gets the
+        corrections its contraction says reach bound / 4, if within ``correction_cap``, else a
+        fresh inverse of W (the weights this step solves with); a fresh one gets one more
+        correction, up to ``max_corrections(dtype)``, then another fresh inverse. SingularWeights if the solve proves W numerically singular in its dtype
         (``condition_lower_bound`` past 1 / eps): no solver can give a meaningful x."""
         self.etas = etas = backward_errors(sq, world)
         cond, eps = condition_lower_bound(sq, world), float(np.finfo(W.dtype).eps)
@@ -345,32 +382,55 @@ class RefinedInverse:
             # the fewest corrections that reached bound / 4; none did: one more than now (the
             # kept inverse only grows staler, so a residual near the bound misses it next step)
             self._planned = next((k for k, e in enumerate(etas) if e <= bound / 4), len(etas))
+            # a layer whose cap passes max_corrections keeps its inverse for several steps, each
+            # a step's drift staler: one correction of margin (a fraction of a renewal's cost)
+            # against a miss, which recomputes the whole step's targets
+            if self._cap(W.dtype) > max_corrections(W.dtype) and not self.exact_now:
+                self._planned += 1
             # a retry's X may have been made or renewed for these very weights, fresher than
             # the next step's will be: plan at least the corrections the miss showed were needed
             if self.retry:
                 self._planned = max(self._planned, self.K)
             if self.exact_now and not self.renewing:         # next step, X is a step's drift away
-                self._planned = max(self._planned, max_corrections(W.dtype))
+                self._planned = max(self._planned, self._after_renewal(W.dtype))
             return True
         self._planned = None
-        if self.K >= max_corrections(W.dtype):
+        # a kept inverse: as many corrections as this solve's contraction says reach bound / 4
+        # (one recomputation of the step, not one per added correction), or, beyond the cap,
+        # a fresh inverse now
+        needed = corrections_to_reach(etas, bound / 4, self.rho) if len(etas) > 1 else None
+        if not self.exact_now and needed is not None and needed <= self._cap(W.dtype):
+            self.K = max(needed, self.K + 1)
+        elif (not self.exact_now and needed is not None) or self.K >= max_corrections(W.dtype):
             self.refresh(W, K=1)
             self.exact_now = True
         else:
             self.K += 1
         return False
 
+    def _after_renewal(self, dtype) -> int:
+        """The corrections planned for a one-step-old inverse (renewed or fresh for the last
+        step's weights): ``max_corrections(dtype)``, and one more where the cap allows (conv7's
+        3072-wide layer at 224 px, batch 32, float32: errors 3.4e-3, 1.5e-4, 7.4e-6 after 0, 1,
+        2 corrections, at the bound of 7.6e-6 with two, so a miss about every other step)."""
+        return min(self._cap(dtype), max_corrections(dtype) + 1)
+
+    def _cap(self, dtype) -> int:
+        """``correction_cap`` for the step's rows (set by ``operator``); ``max_corrections``
+        for a solver checked without one."""
+        return self.cap if self.cap is not None else max_corrections(dtype)
+
     def settle(self, W) -> None:
-        """The step succeeded on every layer: use the planned number of corrections. Past
-        ``max_corrections(dtype)``, X is renewed instead (Newton-Schulz where it is close), from
+        """The step succeeded on every layer: use the planned number of corrections. Past the
+        layer's ``correction_cap``, X is renewed instead (Newton-Schulz where it is close), from
         the weights W of this step for the next step's weights: one step's drift from exact
         again, which takes that many corrections, not one (a plan of one
         correction after a renewal missed the bound at the next step whenever the weights
         moved steadily, and every miss costs a recomputation of the step's targets)."""
         if self._planned is not None:
             self.K, self._planned = self._planned, None
-            if self.K > max_corrections(W.dtype):
-                self.refresh(W, newton=True, K=max_corrections(W.dtype))
+            if self.K > self._cap(W.dtype):
+                self.refresh(W, newton=True, K=self._after_renewal(W.dtype))
 
     def state_dict(self, prefix: str) -> dict:
         from .backend import to_numpy

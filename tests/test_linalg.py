@@ -31,8 +31,8 @@ def _rel64(B, x, W):
 def refined_solve(state, W, B):
     """What the target rule does: solve, check every backward error, strengthen and retry."""
     bound = residual_bound(B.dtype)
-    for attempt in range(2 + max_corrections(B.dtype)):
-        op = state.operator(W, retry=attempt > 0)
+    for attempt in range(3 + max_corrections(B.dtype)):
+        op = state.operator(W, rows=B.shape[-2], retry=attempt > 0)
         x = op.right_solve(B)
         if state.check([float(v) for v in op.sq], bound, W):
             state.settle(W)
@@ -466,3 +466,57 @@ def test_an_exactly_singular_layer_under_lu_is_named():
     net.layers[1].params["W"][:, 1] = 0
     with pytest.raises(InverseFailure, match="^layer l1: "):
         make_rule("gait", net, inverse_solver="lu").compute(tr, gy)
+
+
+def test_the_correction_cap_prices_corrections_against_renewals():
+    from gait_ref.linalg import MAX_PLANNED, correction_cap
+    assert correction_cap(np.float32, 32, 3072) == MAX_PLANNED                    # 96 corrections per renewal
+    assert correction_cap(np.float32, 64, 1536) == 6                             # D / (4 rows)
+    assert correction_cap(np.float32, 256, 1024) == max_corrections(np.float32)
+    assert correction_cap(np.float32, 512, 216) == max_corrections(np.float32)   # never below the dtype's
+    assert correction_cap(np.float64, 0, 3072) == max_corrections(np.float64)    # rows unknown
+
+
+@given(st.floats(1e-4, 0.9), st.floats(1e-6, 1e-1), st.integers(0, 4))
+def test_the_predicted_corrections_reach_the_target(rho, eta0, k):
+    from gait_ref.linalg import corrections_to_reach
+    etas = [eta0 * rho ** j for j in range(k + 1)]
+    target = 1e-7
+    K = corrections_to_reach(etas, target, rho)
+    assert K >= k and eta0 * rho ** K <= target * (1 + 1e-9)
+    assert K == k or eta0 * rho ** (K - 1) > target * (1 - 1e-9)              # the fewest
+    assert corrections_to_reach(etas, target, 1.2) is None and corrections_to_reach(etas, target, None) is None
+
+
+def test_a_wide_layer_with_few_rows_keeps_its_inverse_through_drifting_steps(monkeypatch):
+    """D = 192, 8 rows, float32, weights drifting every step as Adam moves them: with the cap
+    priced by D / (4 rows) (here 6) the layer renews far less often than with the
+    dtype's two corrections, and misses (recomputations) no more; every accepted solve met
+    the bound (check accepts nothing else)."""
+    from gait_ref import linalg
+
+    def run(max_planned):
+        monkeypatch.setattr(linalg, "MAX_PLANNED", max_planned)
+        rng = np.random.default_rng(7)
+        D = 192
+        W = np.linalg.qr(rng.standard_normal((D, D)))[0].astype(np.float32)
+        state, misses = RefinedInverse(), 0
+        for t in range(24):
+            W = (W + 2e-3 * np.sign(rng.standard_normal((D, D)))).astype(np.float32)    # an Adam-sized step
+            B = rng.standard_normal((8, D)).astype(np.float32)
+            for attempt in range(3 + max_corrections(np.float32)):
+                op = state.operator(W, rows=8, retry=attempt > 0)
+                op.right_solve(B)
+                if state.check([float(v) for v in op.sq], residual_bound(np.float32), W):
+                    state.settle(W)
+                    break
+                misses += 1
+            else:
+                raise AssertionError("no convergence")
+            assert state.etas[-1] <= residual_bound(np.float32)
+        return state.refreshes, misses
+
+    kept, kept_misses = run(8)
+    capped, capped_misses = run(max_corrections(np.float32))
+    assert kept < capped / 2, (kept, capped)
+    assert kept_misses <= capped_misses, (kept_misses, capped_misses)

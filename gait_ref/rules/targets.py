@@ -196,7 +196,8 @@ class TargetRule:
             return grads, info
         batch = BatchSlice.whole(gy.shape[0]) if batch is None else batch
         bound = residual_bound(gy.dtype)
-        for attempt in range(2 + max_corrections(gy.dtype)):    # corrections added, then fresh inverses
+        # a miss adds the corrections predicted, then fresh inverses and one correction at a time
+        for attempt in range(3 + max_corrections(gy.dtype)):
             ops = {}
 
             def make_op(l, W, live):
