@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .memory import storage_root
+
 ALLOCATION_ONLY = {"empty", "empty_like"}     # cudaMalloc from the pool: no kernel
 
 # Library calls and the copies CuPy makes around them, per call (see the module docstring).
@@ -42,16 +44,10 @@ POINTER_TABLE_MIN = 9                 # _concatenate: `if len(arrays) > 8`
 POINTER_TABLE_BYTES = 2 * 1024 * 1024  # threshold_size, per input on average
 
 
-def _root(a: np.ndarray) -> np.ndarray:
-    while isinstance(a.base, np.ndarray):
-        a = a.base
-    return a
-
-
 def is_view_of(result: np.ndarray, inputs) -> bool:
     """True when ``result`` shares its storage with one of ``inputs``."""
-    r = id(_root(result))
-    return any(id(_root(i)) == r for i in inputs)
+    r = id(storage_root(result))
+    return any(id(storage_root(i)) == r for i in inputs)
 
 
 def concatenate_cost(arrays, out_dtype) -> tuple[int, int]:

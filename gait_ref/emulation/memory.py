@@ -35,7 +35,8 @@ class StreamOrderError(RuntimeError):
     """Device memory reused or read across streams without ordering (a race on a GPU)."""
 
 
-def _root(a: np.ndarray) -> np.ndarray:
+def storage_root(a: np.ndarray) -> np.ndarray:
+    """The numpy array that owns ``a``'s memory (``a`` itself, or the base of its views)."""
     while isinstance(a.base, np.ndarray):
         a = a.base
     return a
@@ -94,7 +95,7 @@ class StreamMemory:
 
     # ---- buffers ----------------------------------------------------------------------------------------
     def allocate(self, a: np.ndarray, stream) -> None:
-        root = _root(a)
+        root = storage_root(a)
         with self._lock:
             if id(root) in self.buffers:
                 return
@@ -121,7 +122,7 @@ class StreamMemory:
                 self.freed.setdefault(buf.owner, []).append((buf.what, foreign))
 
     def read(self, a: np.ndarray, stream) -> None:
-        buf = self.buffers.get(id(_root(a)))
+        buf = self.buffers.get(id(storage_root(a)))
         if buf is None:
             return
         with self._lock:
@@ -133,7 +134,7 @@ class StreamMemory:
             buf.reads[stream] = t
 
     def write(self, a: np.ndarray, stream) -> None:
-        buf = self.buffers.get(id(_root(a)))
+        buf = self.buffers.get(id(storage_root(a)))
         if buf is None:
             return
         with self._lock:
