@@ -1,6 +1,7 @@
 """Performance benchmarks (issue: GAIT-prop at the cost of its own arithmetic). Prints its figures.
 
     python bench/perf.py [--quick] [--backend numpy|cupy] [--only ratio,efficiency,torch,float32,gemm,memory,data,solver,floor]
+    python bench/perf.py --only ratio224,efficiency224,floor224,float32-224     # conv7 at 224 px (issue 34)
 
 ratio       one full training step (``gait_ref.step.TrainStep``: forward, rule, regulariser,
             Adam) of normalized GP and of BP, interleaved (A, B, A, B), several steps per
@@ -35,10 +36,18 @@ floor       no timing: the fewest GEMM flops a GP step can do against BP's step 
 solver      the GP step with ``--inverse-solver refine`` against ``lu``, float32 and float64,
             interleaved, with the refinement's corrections per solve, recomputed steps and
             renewals of the kept inverse (gait_ref/linalg.py explains the policy).
+ratio224, efficiency224, floor224, float32-224
+            the same at the papers' ImageNet resolution: conv7 at 224 px (its square output
+            layer 3072 wide), batch 32 and 256 (``--quick``: 32 only, fewer steps), a few
+            steps each after warm-up; each GP row prints, per square layer, how often its kept
+            inverse was renewed (a fresh inverse or a Newton-Schulz step) and the steps whose
+            targets were computed again. The target there is GP/BP at most the flop floor (c)
+            of the same batch: GP's extra work at BP's efficiency per flop. float32-224: GP's
+            angles to BP in float32 against float64 after 100 float64 steps (batch 32).
 
 Networks: the deep CIFAR MLP (six hidden layers of 1024, batch 256) and the ImageNet conv
-net at 64 px (batch 64); inputs are real Fashion-MNIST images and the 20 real ImageNet
-photos of the foolbox wheel.
+net at 64 px (batch 64) and at 224 px (batch 32 and 256, the ``*224`` sections); inputs
+are real Fashion-MNIST images and the 20 real ImageNet photos of the foolbox wheel.
 """
 from __future__ import annotations
 
@@ -67,7 +76,7 @@ from gait_ref.step import forward_widths, output_grad_read  # noqa: E402
 
 
 def real_batch(name, batch, rng):
-    """Real images: Fashion-MNIST for the MLP, the 20 ImageNet photos (64 px) for the conv net."""
+    """Real images: Fashion-MNIST for the MLP, the 20 ImageNet photos (64 or 224 px) for the conv net."""
     if name == "mlp-deep":
         from gait_ref.data.packaged import load_packaged
         (x, y), _ = load_packaged("fashion-mnist", quiet=True)
@@ -78,13 +87,17 @@ def real_batch(name, batch, rng):
     from data_prep.imagenet_tree import resize_image
     from gait_ref.data.packaged import imagenet_photos
     files = sorted(imagenet_photos(quiet=True).glob("imagenet_*.jpg"))
-    imgs = np.stack([resize_image(Image.open(p).convert("RGB"), 64, "center-crop") for p in files])
+    px = PIXELS[name]
+    imgs = np.stack([resize_image(Image.open(p).convert("RGB"), px, "center-crop") for p in files])
     labels = np.array([int(p.stem.split("_")[2]) for p in files])
     idx = rng.integers(0, len(files), batch)
     return imgs[idx].transpose(0, 3, 1, 2).astype(np.float64) / 255, labels[idx], 1000
 
 
 NETS = {"mlp-deep": ("mlp-deep", 256, 64), "conv7-64px": ("conv7", 64, 16)}   # arch, batch, quick batch
+PIXELS = {"conv7-64px": 64, "conv7-224px": 224}
+# the papers' resolution: (arch, batches, quick batches), only in the *224 sections
+NET_224 = ("conv7", (32, 256), (32,))
 
 
 class Setup:
@@ -96,7 +109,7 @@ class Setup:
                  keep_memory=True):
         if keep_memory:                # as the trainer does (gait_ref.hostmem); bench/host_memory.py compares
             keep_freed_memory()
-        arch = NETS[name][0]
+        arch = NETS[name][0] if name in NETS else NET_224[0]
         rng = np.random.default_rng(seed)
         x, y, K = real_batch(name, batch, rng)
         self.cfg = Config(arch=arch, rule=rule, dtype=np.dtype(dtype).name, seed=seed, batch_size=batch,
@@ -161,7 +174,8 @@ def bp_flops(net, batch, live=True, K=None):
     return sum((2 if i == 0 else 3) * _gemm(_rows(l, batch), *l.weight_shape) for i, l in enumerate(net.layers))
 
 
-def gp_flops(net, batch, stats, steps, ortho_every, solver, dtype=np.float32, K=None, symmetric=True):
+def gp_flops(net, batch, stats, steps, ortho_every, solver, dtype=np.float32, K=None, symmetric=True,
+             per_layer=None):
     """The GEMM flops of ``steps`` GP training steps: the forward pass (on the c live output
     channels, ``gait_ref.step.forward_widths``), per recursion of the
     rule (stats['recursions']) every layer's weight gradient (on its c live output channels)
@@ -172,7 +186,10 @@ def gp_flops(net, batch, stats, steps, ortho_every, solver, dtype=np.float32, K=
     c < D live columns solves from c rows of W^-1 with no residual (gait_ref.linalg's
     _solve_by_rows): M x c x D (in float64), the Gram matrix M x c x c and the rows' error
     c x D x D and c x c x D. Not counted: the kept inverses' renewals (a fresh inverse or a
-    Newton-Schulz step, see gait_ref.linalg), so the rate is a lower bound."""
+    Newton-Schulz step, see gait_ref.linalg), so the rate is a lower bound. ``per_layer``:
+    {layer index: (corrections, combined solves)} over the steps (``layer_corrections``),
+    which prices each layer's corrections at its own rows and D (and the combined solves'
+    residual of their x, one GEMM of M x D x D more) instead of the square layers' mean."""
     layers = list(enumerate(net.layers))
     grads = sum(_live_gemms(net, batch, K))
     fwd = grads                                      # the forward pass computes the live channels only
@@ -186,7 +203,12 @@ def gp_flops(net, batch, stats, steps, ortho_every, solver, dtype=np.float32, K=
     if solver == "refine":
         solve = sum(refined(i, l) for i, l in square)
         per_correction = np.mean([2 * _gemm(_rows(l, batch), l.weight_shape[-1], l.weight_shape[-1]) for _, l in square])
-        rule = stats["recursions"] * (grads + solve) + stats["corrections"] * per_correction
+        if per_layer is None:
+            rule = stats["recursions"] * (grads + solve) + stats["corrections"] * per_correction
+        else:
+            rule = stats["recursions"] * (grads + solve) + sum(
+                (2 * n + m) * _gemm(_rows(net.layers[i], batch), net.layers[i].weight_shape[-1],
+                                    net.layers[i].weight_shape[-1]) for i, (n, m) in per_layer.items())
     else:
         rule = steps * (grads + sum(2 / 3 * l.weight_shape[-1] ** 3 + 2 * _rows(l, batch) * l.weight_shape[-1] ** 2
                                     for _, l in square))
@@ -194,6 +216,38 @@ def gp_flops(net, batch, stats, steps, ortho_every, solver, dtype=np.float32, K=
 
 
 TARGETS = {("mlp-deep", 4): 2.0, ("mlp-deep", 16): 1.6, ("conv7-64px", 1): 1.8}
+
+
+def layer_corrections(setup) -> dict:
+    """{layer index: (corrections, combined solves)} of a GP setup's kept inverses so far."""
+    return {l: (r.corrections, r.combined) for l, r in enumerate(setup.rule.refined)}
+
+
+def corrections_since(setup, before) -> dict:
+    return {l: (n - before[l][0], m - before[l][1]) for l, (n, m) in layer_corrections(setup).items()}
+
+
+def refine_counts(setup, since=None) -> tuple[dict, int, int]:
+    """A GP setup's kept inverses since ``since`` (an earlier result of this function, or the
+    start): per square layer its renewals (fresh inverses and Newton-Schulz steps; a layer
+    whose solves have as many rows as D makes a fresh one at every step, by design), the
+    recomputed steps (the targets computed again after a missed bound) and the steps."""
+    rule = setup.rule
+    per = {setup.net.layers[l].name: r.refreshes for l, r in enumerate(rule.refined) if r.X is not None}
+    rec, steps = rule.stats["recursions"] - rule.stats["steps"], rule.stats["steps"]
+    if since is not None:
+        per = {k: v - since[0].get(k, 0) for k, v in per.items()}
+        rec, steps = rec - since[1], steps - since[2]
+    return per, rec, steps
+
+
+def describe_counts(setup, counts) -> str:
+    per, rec, steps = counts
+    rows = {setup.net.layers[l].name: (r.renewing, r.krylov) for l, r in enumerate(setup.rule.refined) if r.X is not None}
+    kept = ", ".join(f"{k} {v}" for k, v in per.items() if not rows[k][0])
+    fresh = ", ".join(k for k in per if rows[k][0])
+    return (f"over {steps} steps: renewals of kept inverses per layer: {kept or '-'}; a fresh inverse every step "
+            f"(rows >= D): {fresh or '-'}; recomputed steps {rec}")
 
 
 def gp_flop_floors(net, batch, ortho_every, K):
@@ -220,6 +274,25 @@ def bench_floor(xp, quick):
               f"{a / 1e9:.2f}, (b) {b / 1e9:.2f}, (c) {c / 1e9:.2f} GFLOP: {a / bp:.2f}, {b / bp:.2f}, {c / bp:.2f} x "
               f"BP's. GP/BP <= {t} needs GP's GFLOP/s at least {a / bp / t:.2f}, {b / bp / t:.2f}, {c / bp / t:.2f} "
               "x BP's", flush=True)
+
+
+def floor_c(s) -> float:
+    """Floor (c) of a setup's GP step over its BP step's flops (regulariser every step)."""
+    return gp_flop_floors(s.net, s.batch, s.cfg.ortho_every, s.loss.n_classes)[2] / bp_flops(s.net, s.batch,
+                                                                                             K=s.loss.n_classes)
+
+
+def bench_floor224(xp, quick):
+    print("\n## 9b. the flop floor at 224 px: conv7, regulariser every step (no timing)")
+    for b in NET_224[2] if quick else NET_224[1]:
+        s = Setup("conv7-224px", "gait", np, np.float32, b)
+        K = s.loss.n_classes
+        bp = bp_flops(s.net, b, K=K)
+        a, fb, c = gp_flop_floors(s.net, b, 1, K)
+        reg = regulariser_flops(s.net)
+        print(f"- conv7 224 px batch {b}: BP {bp / 1e9:.2f} GFLOP; GP at least (a) {a / 1e9:.1f}, (b) {fb / 1e9:.1f}, "
+              f"(c) {c / 1e9:.1f} GFLOP: {a / bp:.2f}, {fb / bp:.2f}, {c / bp:.2f} x BP's; of which the regulariser "
+              f"{reg / 1e9:.1f} GFLOP ({reg / bp:.2f} x BP's)", flush=True)
 
 
 def gemm_rate(xp, n=2048):
@@ -252,6 +325,28 @@ def bench_ratio(xp, quick, dtype=np.float32):
                   f"{(st['recursions'] - st['steps']) / st['steps']:.2f} recomputations per step | | | |")
 
 
+def bench_ratio224(xp, quick, dtype=np.float32):
+    print("\n## 1b. GP/BP training-step time at 224 px (conv7, regulariser every step), float32, interleaved")
+    print("| batch | BP square ms | BP ordinary ms | GP ms | GP/BP square | GP/BP ordinary | target: floor (c) |")
+    print("|---|---|---|---|---|---|---|")
+    for b in NET_224[2] if quick else NET_224[1]:
+        s = {"bp": Setup("conv7-224px", "bp", xp, dtype, b, invertible=True),
+             "bpo": Setup("conv7-224px", "bp", xp, dtype, b, invertible=False),
+             "gp": Setup("conv7-224px", "gait", xp, dtype, b)}
+        for _ in range(1 if quick else 3):               # warm-up: the kept inverses' first steps
+            s["gp"].train_step()
+        before = refine_counts(s["gp"])
+        rep = interleaved({k: v.train_step for k, v in s.items()}, xp, reps=2 if quick else 4, steps=2 if quick else 3,
+                          per_repeat=True)
+        t = {k: float(np.median(v)) for k, v in rep.items()}
+        r, ro = float(np.median(rep["gp"] / rep["bp"])), float(np.median(rep["gp"] / rep["bpo"]))
+        c = floor_c(s["gp"])
+        print(f"| {b} | {t['bp'] * 1e3:.0f} | {t['bpo'] * 1e3:.0f} | {t['gp'] * 1e3:.0f} | {r:.2f} | {ro:.2f} | "
+              f"{c:.2f} ({'met' if r <= c else 'NOT met'}) |", flush=True)
+        print(f"|  | GP {describe_counts(s['gp'], refine_counts(s['gp'], before))} (after "
+              f"{before[2]} warm-up steps) | | | | | |", flush=True)
+
+
 def bench_efficiency(xp, quick):
     print("\n## 2. GP step GFLOP/s (GEMM flops counted per step) against a float32 GEMM in the same run")
     peak = gemm_rate(xp, 1024 if quick else 2048)
@@ -262,7 +357,7 @@ def bench_efficiency(xp, quick):
         # settle (deep MLP, 6-step blocks from the start: 478, 405, 407, 379, 361 ms)
         for _ in range(2 if quick else 12):
             s.train_step()
-        st0 = dict(s.rule.stats)
+        st0, c0 = dict(s.rule.stats), layer_corrections(s)
         n = 3 if quick else 10
         t = time.perf_counter()
         for _ in range(n):
@@ -270,11 +365,37 @@ def bench_efficiency(xp, quick):
         synchronize(xp)
         dt = (time.perf_counter() - t) / n
         st = {k: s.rule.stats[k] - st0[k] for k in st0}
-        fl = gp_flops(s.net, b, st, n, 1, "refine", K=s.loss.n_classes, symmetric=xp is np) / n
+        fl = gp_flops(s.net, b, st, n, 1, "refine", K=s.loss.n_classes, symmetric=xp is np,
+                      per_layer=corrections_since(s, c0)) / n
         eff = fl / dt / 1e9 / peak
         target = " (target 70%: " + ("met)" if eff >= 0.7 else "NOT met)") if name == "mlp-deep" else ""
         print(f"- {name} batch {b}: {fl / 1e9:.1f} GFLOP per GP step in {dt * 1e3:.0f} ms = {fl / dt / 1e9:.0f} GFLOP/s; "
               f"GEMM {peak:.0f} GFLOP/s; {100 * eff:.0f}% of GEMM{target}", flush=True)
+
+
+def bench_efficiency224(xp, quick):
+    print("\n## 2b. GP step GFLOP/s at 224 px (conv7, GEMM flops counted per step) against a float32 GEMM")
+    peak = gemm_rate(xp, 1024 if quick else 2048)
+    for b in NET_224[2] if quick else NET_224[1]:
+        s = Setup("conv7-224px", "gait", xp, np.float32, b)
+        for _ in range(2 if quick else 4):
+            s.train_step()
+        st0, before, c0 = dict(s.rule.stats), refine_counts(s), layer_corrections(s)
+        n = 2 if quick else 6
+        t = time.perf_counter()
+        for _ in range(n):
+            s.train_step()
+        synchronize(xp)
+        dt = (time.perf_counter() - t) / n
+        st = {k: s.rule.stats[k] - st0[k] for k in st0}
+        fl = gp_flops(s.net, b, st, n, 1, "refine", K=s.loss.n_classes, symmetric=xp is np,
+                      per_layer=corrections_since(s, c0)) / n
+        counts = refine_counts(s, before)
+        D = s.net.layers[-1].weight_shape[-1]
+        renewal = 4 * D ** 3 * counts[0].get(s.net.layers[-1].name, 0) / n       # Newton-Schulz's flops
+        print(f"- conv7 224 px batch {b}: {fl / 1e9:.1f} GFLOP per GP step (+ {renewal / 1e9:.1f} for the output "
+              f"layer's renewals, not in the rate) in {dt * 1e3:.0f} ms = {fl / dt / 1e9:.0f} GFLOP/s; GEMM {peak:.0f} "
+              f"GFLOP/s; {100 * fl / dt / 1e9 / peak:.0f}% of GEMM; {describe_counts(s, counts)}", flush=True)
 
 
 def bench_solver(xp, quick):
@@ -322,6 +443,31 @@ def bench_float32(xp, quick):
             print(f"- {name} batch {b}, {when}: max |diff| {worst:.2e} deg "
                   f"({'meets' if worst <= 0.1 else 'MISSES'} 0.1); angle64/angle32: {cells}", flush=True)
     float32_after_real_training(xp, 60 if quick else 300)
+
+
+def bench_float32_224(xp, quick):
+    print("\n## 4b. float32 GP (difference form) against float64 at 224 px: |angle32 - angle64| per layer")
+    steps = 10 if quick else 100
+    b = 8 if quick else 32
+    s64 = Setup("conv7-224px", "gait", xp, np.float64, b)
+    for when in ("init", f"after {steps} steps"):
+        if when != "init":
+            for _ in range(steps):
+                s64.train_step()
+        s32 = Setup("conv7-224px", "gait", xp, np.float32, b)
+        for l32, l64 in zip(s32.net.layers, s64.net.layers):
+            l32.params = {k: v.astype(np.float32) for k, v in l64.params.items()}
+        a = {}
+        for s in (s64, s32):
+            tr = s.net.forward(s.x)
+            _, gy = s.loss.value_and_grad(tr.output, s.y)
+            g, _ = s.rule.compute(tr, gy)
+            gb, _ = make_rule("bp", s.net).compute(tr, gy)
+            a[s is s32] = {k: v["angle_deg"] for k, v in compare_updates(s.net, g, gb).items()}
+        worst = max(abs(a[True][k] - a[False][k]) for k in a[True])
+        cells = ", ".join(f"{k} {a[False][k]:.3g}/{a[True][k]:.3g}" for k in a[True])
+        print(f"- conv7 224 px batch {b}, {when}: max |diff| {worst:.2e} deg "
+              f"({'meets' if worst <= 0.1 else 'MISSES'} 0.1); angle64/angle32: {cells}", flush=True)
 
 
 def float32_after_real_training(xp, steps):
@@ -544,7 +690,9 @@ def bench_data(xp, quick):
 @click.command()
 @click.option("--quick", is_flag=True, help="Small batches and few repeats: checks that everything runs.")
 @click.option("--backend", default="numpy", type=click.Choice(["numpy", "cupy"]))
-@click.option("--only", default="ratio,efficiency,torch,float32,gemm,memory,data,solver,floor", show_default=True)
+@click.option("--only", default="ratio,efficiency,torch,float32,gemm,memory,data,solver,floor", show_default=True,
+              help="Sections, comma-separated; the 224 px ones (ratio224, efficiency224, floor224, float32-224) "
+                   "run only when named.")
 @click.option("--time-one", nargs=5, hidden=True)
 def main(quick, backend, only, time_one):
     if time_one:                                   # a worker of bench_torch: print seconds per step
@@ -574,6 +722,14 @@ def main(quick, backend, only, time_one):
         bench_solver(xp, quick)
     if "floor" in parts:
         bench_floor(xp, quick)
+    if "floor224" in parts:
+        bench_floor224(xp, quick)
+    if "ratio224" in parts:
+        bench_ratio224(xp, quick)
+    if "efficiency224" in parts:
+        bench_efficiency224(xp, quick)
+    if "float32-224" in parts:
+        bench_float32_224(xp, quick)
 
 
 if __name__ == "__main__":

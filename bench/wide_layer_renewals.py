@@ -3,6 +3,7 @@ missed bound, fresh or renewed inverses per square layer, corrections, and the m
 time (issue 34: a wide layer with few rows, conv7's 3072-wide output layer at 224 px).
 
     python bench/wide_layer_renewals.py --net conv7-224 --batch 32 --steps 20     # float32, numpy
+    python bench/wide_layer_renewals.py --net conv7-224 --batch 32 --steps 100    # the issue's rates
 
 To compare two versions, run it with PYTHONPATH set to a worktree of each, alternating
 (A, B, A, B); the counts are deterministic, the times are not.
@@ -46,6 +47,12 @@ def main(net, batch, steps):
           f"{rule.stats['recursions'] - rule.stats['steps']}, fresh or renewed inverses per square layer "
           f"{[r.refreshes for r in rule.refined]}, corrections {rule.stats['corrections']}, "
           f"mean step after the first {np.mean(times[1:]):.2f} s")
+    out = rule.refined[-1]
+    if hasattr(out, "combined"):               # versions that combine corrections (issue 34)
+        print(f"  output layer ({step.net.layers[-1].weight_shape[-1]} wide): {out.refreshes} inverses "
+              f"(the first included), {out.corrections} corrections in {steps} steps, {out.combined} solves "
+              f"combined by minimal residual; corrections needed by inverse age in the last full cycle "
+              f"{out.last_cycle[1:]}")
 
 
 if __name__ == "__main__":

@@ -48,6 +48,19 @@ threads steal the cores the other needed (a GEMM then an LU: 42 ms alternating a
   miss on a kept inverse jumps to the corrections its contraction predicts
   (``corrections_to_reach``), so the step is recomputed once, not once per correction.
 
+  Such a float32 layer (``RefinedInverse.krylov``: not renewing, cap above
+  ``max_corrections``) combines its corrections by minimal residual instead of adding them
+  (``_RefinedSolve._solve_by_krylov``: GMRES over the same Krylov space, from the same
+  GEMMs, plus the residual of the x returned). An inverse kept for several steps has a few
+  slow directions (I - X W's largest eigenvalues, from the weights' drift), which limit
+  the plain iteration and which the combination removes first: on conv7's 3072-wide layer
+  at 224 px, batch 32, an inverse 15 steps old needed 39 corrections added and 6 combined.
+  It is renewed by cost rather than by a cap (``_renewal_pays``: when the next step's
+  corrections exceed the cycle's mean cost per step, a renewal counted as D / rows
+  corrections, at most ``MAX_KRYLOV``), and each age of an inverse plans at least what the
+  same age needed in the cycle before (the drift grows fastest just after a renewal). On
+  that layer: one renewal in about 40 steps, against one in 5-6 with the cap alone.
+
 Why the backward error and not the relative residual ||r||_F / ||B||_F: a backward-stable
 solve leaves a relative residual of about eps x cond(W), so a bound on it cannot be met in
 float32 once a layer's condition number passes a few tens (the linear network without the
@@ -80,8 +93,13 @@ SOLVERS = ("auto", "refine", "lu")
 # D x D x D GEMMs once in a while); in float64, whose bound needs about (drift)^(K + 1)
 # <= 1e-14, 5
 MAX_CORRECTIONS = {4: 2, 8: 5}
+MAX_KRYLOV = 16               # corrections a kept inverse may plan where they are combined (RefinedInverse.krylov)
 MAX_PLANNED = 8                # corrections a kept inverse may plan at most (correction_cap)
 NEWTON_FROM = 1e-2             # a kept X whose uncorrected solve was this close renews by Newton-Schulz
+# _RefinedSolve._solve_by_krylov: the shift of its unit-diagonal Gram matrices, far above
+# their float64 rounding (about 1e-15) and far below the squared relative residual a float32
+# solve needs (bound / 4 from an eta_0 of at most 0.1: 4e-10)
+KRYLOV_SHIFT = 1e-12
 POWER_WARMUP = 10              # power-iteration steps from the fixed start vector
 # rows x D entries per block of _RefinedSolve._solve_by_rows's float64 product (32 MiB): at
 # ImageNet's 224 px, batch 256, conv2's whole product would be 347 MB of float64 (200,704 x 216).
@@ -213,11 +231,11 @@ def _t(a):
     return a.swapaxes(-1, -2)
 
 
-def _residual(B, x, W):
-    """r = B - x W, in the product's array; B may hold only the first c columns (the rest
-    zero)."""
+def _residual(B, x, W, out=None):
+    """r = B - x W, in the product's array (``out`` if given); B may hold only the first c
+    columns (the rest zero)."""
     xp = get_xp(x)
-    r = x @ W
+    r = xp.matmul(x, W, out=out)
     c = B.shape[-1]
     if c == r.shape[-1]:
         return xp.subtract(B, r, out=r)
@@ -270,6 +288,7 @@ class RefinedInverse:
 
     def __init__(self):
         self.X, self.K, self.refreshes = None, 1, 0
+        self.corrections, self.combined = 0, 0     # corrections applied and combined solves, all told (statistics)
         self._planned, self.rho, self.eta0 = None, None, None
         # X was made from the very weights this step solves with (the first step, or a retry
         # after a miss), so this step's errors show none of the drift the next step will add
@@ -278,6 +297,14 @@ class RefinedInverse:
         self.retry = False             # this solve recomputes a step after a miss (see operator)
         self.v = None                  # the power iteration's unit vector(s), (D,) or (P, D)
         self.cap = None                # corrections planned at most, from the step's rows (operator)
+        # the corrections are combined by minimal residual (_RefinedSolve._solve_by_krylov): a
+        # float32 layer that keeps its inverse for many steps (set by operator)
+        self.krylov = False
+        self.rows = 0                  # the step's rows per matrix, over all processes (operator)
+        # a kept inverse's cycle (krylov layers): steps solved with X since it was made, the
+        # corrections spent in them, and the corrections each age needed (the fewest that met
+        # bound / 4), in this cycle and the one before, which plans the same age of the next
+        self.age, self.spent, self.needed, self.last_cycle = 0, 0, [], []
         self.etas = []                 # the last checked solve's backward errors (check)
 
     def norm_squared(self, W):
@@ -337,6 +364,9 @@ class RefinedInverse:
             self.X = xp.linalg.inv(W.astype(xp.float64, copy=False)).astype(W.dtype, copy=False)
         self.rho = None
         self.refreshes += 1
+        if self.needed:
+            self.last_cycle = self.needed
+        self.age, self.spent, self.needed = 0, 0, []
 
     def operator(self, W, rows: int = 0, retry: bool = False, live: int | None = None) -> "_RefinedSolve":
         """The solver for this step's weights W. ``rows``: how many rows the step's solves
@@ -350,6 +380,9 @@ class RefinedInverse:
         measures is no guide to the next step (see ``check``)."""
         self.renewing, self.retry = rows >= W.shape[-1], retry
         self.cap = correction_cap(W.dtype, rows, W.shape[-1])
+        self.krylov = (not self.renewing and W.dtype == np.float32
+                       and self.cap > max_corrections(W.dtype))
+        self.rows = rows
         if not retry:                 # on a retry, keep what the miss's fresh inverse set
             self.exact_now = False
         if self.X is None or self.X.shape[:-2] != W.shape[:-2] or self.X.shape[-1] != W.shape[-1]:
@@ -376,12 +409,26 @@ class RefinedInverse:
             raise SingularWeights(f"the weights are numerically singular in {np.dtype(W.dtype).name}: "
                                   f"cond(W) >= {cond:.1e} > 1/eps = {1 / eps:.1e}")
         self.eta0 = etas[0]
+        self.spent += len(etas) - 1
+        self.corrections += len(etas) - 1
+        self.combined += bool(self.krylov and len(etas) > 1)
+        rate = None
         if len(etas) > 1 and etas[0] > 0:                             # how fast corrections contract
-            self.rho = max(b / a for a, b in zip(etas, etas[1:]) if a > 0)
+            if self.krylov:
+                # the first correction's contraction measures I - X W (what decides a Newton-Schulz
+                # renewal, see refresh); the last predicted one, how fast the combination converges
+                # now (its steps accelerate, so the first would overstate a miss's need)
+                self.rho = etas[1] / etas[0]
+                rate = etas[-2] / etas[-3] if len(etas) > 2 and etas[-3] > 0 else self.rho
+            else:
+                self.rho = rate = max(b / a for a, b in zip(etas, etas[1:]) if a > 0)
         if etas[-1] <= bound:
             # the fewest corrections that reached bound / 4; none did: one more than now (the
             # kept inverse only grows staler, so a residual near the bound misses it next step)
             self._planned = next((k for k, e in enumerate(etas) if e <= bound / 4), len(etas))
+            if self.krylov and not self.exact_now:
+                self.needed += [0] * (self.age + 1 - len(self.needed))
+                self.needed[self.age] = max(self.needed[self.age], self._planned)
             # a layer whose cap passes max_corrections keeps its inverse for several steps, each
             # a step's drift staler: one correction of margin (a fraction of a renewal's cost)
             # against a miss, which recomputes the whole step's targets
@@ -393,12 +440,16 @@ class RefinedInverse:
                 self._planned = max(self._planned, self.K)
             if self.exact_now and not self.renewing:         # next step, X is a step's drift away
                 self._planned = max(self._planned, self._after_renewal(W.dtype))
+            # what the last cycle's inverse needed one step older (the drift after a renewal
+            # grows fastest in its first steps, faster than one correction of margin covers)
+            if self.krylov and self.age + 1 < len(self.last_cycle):
+                self._planned = max(self._planned, self.last_cycle[self.age + 1])
             return True
         self._planned = None
         # a kept inverse: as many corrections as this solve's contraction says reach bound / 4
         # (one recomputation of the step, not one per added correction), or, beyond the cap,
         # a fresh inverse now
-        needed = corrections_to_reach(etas, bound / 4, self.rho) if len(etas) > 1 else None
+        needed = corrections_to_reach(etas, bound / 4, rate) if len(etas) > 1 else None
         if not self.exact_now and needed is not None and needed <= self._cap(W.dtype):
             self.K = max(needed, self.K + 1)
         elif (not self.exact_now and needed is not None) or self.K >= max_corrections(W.dtype):
@@ -413,12 +464,33 @@ class RefinedInverse:
         step's weights): ``max_corrections(dtype)``, and one more where the cap allows (conv7's
         3072-wide layer at 224 px, batch 32, float32: errors 3.4e-3, 1.5e-4, 7.4e-6 after 0, 1,
         2 corrections, at the bound of 7.6e-6 with two, so a miss about every other step)."""
-        return min(self._cap(dtype), max_corrections(dtype) + 1)
+        planned = max_corrections(dtype) + 1
+        if self.krylov and len(self.last_cycle) > 1:
+            planned = max(planned, self.last_cycle[1])
+        return min(self._cap(dtype), planned)
 
     def _cap(self, dtype) -> int:
-        """``correction_cap`` for the step's rows (set by ``operator``); ``max_corrections``
-        for a solver checked without one."""
+        """``correction_cap`` for the step's rows (set by ``operator``), ``MAX_KRYLOV`` where
+        the corrections are combined (``krylov``); ``max_corrections`` for a solver checked
+        without either."""
+        if self.krylov:
+            return MAX_KRYLOV
         return self.cap if self.cap is not None else max_corrections(dtype)
+
+    def _renewal_pays(self, dtype) -> bool:
+        """For a ``krylov`` layer, after ``self.age`` steps with X: whether renewing X now costs
+        less over the next cycle than keeping it. A renewal costs about D / rows corrections
+        (4 D^3 flops for Newton-Schulz against 4 rows D^2 a correction; a fresh inverse, 2 D^3
+        at LAPACK's slower rate, about as much); the corrections a kept X needs grow with its
+        age. Renewing when the next step's corrections exceed the cycle's mean cost so far,
+        (corrections spent + renewal) / steps, keeps the mean cost per step near its minimum
+        (the rule for replacing anything whose running cost grows). conv7's 3072-wide layer
+        at 224 px, float32: batch 32, a renewal of 96 corrections against 1-8 corrections a
+        step over about 25 steps; batch 256, 12 against 2-6."""
+        if not self.krylov or self.rows <= 0:
+            return False
+        renewal = self.X.shape[-1] / self.rows
+        return self.K > (self.spent + renewal) / max(1, self.age)
 
     def settle(self, W) -> None:
         """The step succeeded on every layer: use the planned number of corrections. Past the
@@ -429,8 +501,10 @@ class RefinedInverse:
         moved steadily, and every miss costs a recomputation of the step's targets)."""
         if self._planned is not None:
             self.K, self._planned = self._planned, None
-            if self.K > self._cap(W.dtype):
-                self.refresh(W, newton=True, K=self._after_renewal(W.dtype))
+            if self.K > self._cap(W.dtype) or self._renewal_pays(W.dtype):
+                self.refresh(W, newton=True, K=None)
+                self.K = self._after_renewal(W.dtype)
+            self.age += 1                                   # the next step's weights are a step further
 
     def state_dict(self, prefix: str) -> dict:
         from .backend import to_numpy
@@ -441,6 +515,11 @@ class RefinedInverse:
             state[f"{prefix}v"] = to_numpy(self.v)
         if self.rho is not None:                     # what the next renewal reads (refresh)
             state[f"{prefix}rho"], state[f"{prefix}eta0"] = np.array(self.rho), np.array(self.eta0)
+        if self.age or self.last_cycle:              # a kept inverse's cycle (krylov layers)
+            state[f"{prefix}cycle"] = np.array([self.age, self.spent])
+            for name in ("needed", "last_cycle"):    # empty lists are left out
+                if getattr(self, name):
+                    state[f"{prefix}{name}"] = np.array(getattr(self, name), dtype=np.int64)
         return state
 
     def load_state_dict(self, state: dict, prefix: str, xp) -> None:
@@ -451,6 +530,10 @@ class RefinedInverse:
             self.v = to_device(state[f"{prefix}v"], xp)
         if f"{prefix}rho" in state:                  # absent before X was renewed at every step
             self.rho, self.eta0 = float(state[f"{prefix}rho"]), float(state[f"{prefix}eta0"])
+        if f"{prefix}cycle" in state:                # absent before the corrections were combined
+            self.age, self.spent = (int(v) for v in state[f"{prefix}cycle"])
+            self.needed = [int(v) for v in state.get(f"{prefix}needed", [])]
+            self.last_cycle = [int(v) for v in state.get(f"{prefix}last_cycle", [])]
 
 
 class _RefinedSolve:
@@ -470,6 +553,8 @@ class _RefinedSolve:
         if X.shape[-2] < X.shape[-1] and B.dtype == np.float32:     # only rows of W^-1 kept: K = 0
             return self._solve_by_rows(B)
         x = B @ X[..., :B.shape[-1], :]                              # (.., M, D)
+        if self.state.K and self.state.krylov:
+            return self._solve_by_krylov(B, x)
         r = _residual(B, x, W)
         r2 = [squared_norm(r)]
         for _ in range(self.state.K):
@@ -477,6 +562,61 @@ class _RefinedSolve:
             r = _residual(B, x, W)
             r2.append(squared_norm(r))
         self.sq = [self.state.norm_squared(W), squared_norm(B), squared_norm(x)] + r2
+        return x
+
+    def _solve_by_krylov(self, B, x0):
+        """x = x_0 + sum_j c_j z_j, the minimal-residual combination of the K corrections, for a
+        kept inverse X of a layer that keeps it for many steps (``RefinedInverse.krylov``). The
+        corrections are those of the refinement above, z_j = r_{j-1} X with
+        r_j = r_{j-1} - z_j W = r_0 (I - X W)^j, so x_0 + span(z_1..z_K) is the right-preconditioned
+        Krylov space GMRES searches; each row of x (its own linear system) takes the c_j that
+        minimise ||r_0 - sum_j c_j y_j|| (y_j = z_j W) over it, from the row's Gram matrix of
+        [y_1 .. y_K, r_0] in float64. The refinement's iterates take every c_j = 1, the best
+        combination only while I - X W is uniformly small; a stale X has a few slow directions
+        (the weights' drift since X was made), which GMRES removes in a few steps: conv7's
+        3072-wide output layer at 224 px, batch 32, needed 9, 13 and 39 corrections at inverse
+        ages 7, 10 and 15 steps, and 4, 5 and 6 combined (``kept_inverse_krylov`` test,
+        docs/BENCHMARKS.md).
+
+        The Gram matrix G (.., M, K + 1, K + 1) is scaled to a unit diagonal and shifted by
+        ``KRYLOV_SHIFT`` (the monomial basis y_j grows nearly dependent as the iteration
+        converges; rounding leaves G's eigenvalues about 1e-15 from the truth), and factorised
+        G = L L^T. The last row of L holds r_0's coordinates in the orthonormal basis of
+        y_1 .. y_K, r_0, so the residual after k corrections is ||r_0||^2 sum_{i >= k} L_{K,i}^2
+        (the history ``check`` plans the next step's corrections from) and the coefficients
+        solve L_K^T c = L_{K, :K}. These are predictions: the solve's backward error, the one
+        checked against the bound, is that of the x returned, B - x W computed anew (one GEMM
+        more than the refinement's K corrections). ``self.sq``: [||W||_2^2, ||B||^2, ||x||^2,
+        ||r_0||^2, the predicted residuals after 1 .. K - 1 corrections, ||B - x W||^2]."""
+        X, W, K = self.state.X, self.W, self.state.K
+        xp, dt = get_xp(B), B.dtype
+        Z = xp.empty((K,) + x0.shape, dtype=dt)                     # z_j = r_{j-1} X
+        A = xp.empty((K + 1,) + x0.shape, dtype=dt)                 # y_1 .. y_K, r_0
+        r = r0 = _residual(B, x0, W, out=A[K])
+        for j in range(K):
+            xp.matmul(r, X, out=Z[j])
+            xp.matmul(Z[j], W, out=A[j])
+            if j + 1 < K:
+                r = r - A[j]
+        A64 = xp.moveaxis(A, 0, -2).astype(xp.float64)            # (.., M, K + 1, D)
+        G = A64 @ _t(A64)                                            # (.., M, K + 1, K + 1)
+        del A64
+        d = diagonal(G)                                               # squared norms
+        s = _INVERSE_NORMS(d)                                         # 1 / norm, 0 for a zero vector
+        Gn = _SCALED_GRAM(G, s[..., :, None], s[..., None, :])       # non-finite -> 0
+        diagonal(Gn)[...] = 1 + KRYLOV_SHIFT
+        L = xp.linalg.cholesky(Gn)
+        last = L[..., K, :]                                           # (.., M, K + 1)
+        # sum over rows of ||r_0||^2 L_{K,i}^2, then its tail sums: the residual after 0 .. K corrections
+        parts = _SQUARE_TIMES(last, d[..., K:]).reshape(-1, K + 1).sum(axis=0)
+        history = xp.cumsum(parts[::-1])[::-1].astype(dt)
+        c = xp.linalg.solve(_t(L[..., :K, :K]), last[..., :K, None])  # (.., M, K, 1)
+        c = _UNSCALE(c, s[..., :K, None], s[..., K:, None])
+        Z64 = xp.moveaxis(Z, 0, -2).astype(xp.float64)               # (.., M, K, D)
+        x = _ADD_ROUNDED(x0, (_t(c) @ Z64)[..., 0, :])
+        r = _residual(B, x, W)
+        self.sq = ([self.state.norm_squared(W), squared_norm(B), squared_norm(x), squared_norm(r0)]
+                   + [history[k] for k in range(1, K)] + [squared_norm(r)])
         return x
 
     def _solve_by_rows(self, B):
@@ -542,4 +682,12 @@ def _rows_bound(xp):
 
 
 _ROWS_BOUND = Kernel(_rows_bound)
+# _solve_by_krylov's scaling of its Gram matrices, one fused kernel each on a GPU
+_INVERSE_NORMS = Kernel(lambda xp: lambda d: xp.where(d > 0, 1 / xp.sqrt(xp.where(d > 0, d, 1)), 0),
+                        name="inverse_norms")
+_SCALED_GRAM = Kernel(lambda xp: lambda G, a, b: xp.where(xp.isfinite(G * a * b), G * a * b, 0), name="scaled_gram")
+_SQUARE_TIMES = Kernel(lambda xp: lambda a, b: a * a * b, name="square_times")
+_ADD_ROUNDED = Kernel(lambda xp: lambda x, u: (x + u).astype(x.dtype), name="add_rounded")
+_UNSCALE = Kernel(lambda xp: lambda c, s, s_r: xp.where(s_r > 0, c * s / xp.where(s_r > 0, s_r, 1), 0),
+                  name="unscale")
 _SUM_OF_PRODUCTS = Kernel(lambda xp: lambda a, b: xp.sum(a * b), name="sum_of_products")

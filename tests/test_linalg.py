@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gait_ref.backend import get_backend
-from gait_ref.linalg import (RefinedInverse, SquareInverse, backward_errors, condition_lower_bound, max_corrections,
+from gait_ref.linalg import (RefinedInverse, SquareInverse, _RefinedSolve, backward_errors, condition_lower_bound, max_corrections,
                              residual_bound, solver_for)
 from gait_ref.rules import make_rule
 
@@ -64,7 +64,7 @@ def test_renewed_and_kept_inverses_resume_exactly(xp):
             out.append(asnumpy(x))
         return out
 
-    for rows in (D, D - 1):
+    for rows in (D, D - 1, 2):                       # 2: D / (4 rows) = 3, corrections combined
         a, b = RefinedInverse(), RefinedInverse()
         whole = steps(a, range(8), rows)
         steps(b, range(4), rows)
@@ -520,3 +520,116 @@ def test_a_wide_layer_with_few_rows_keeps_its_inverse_through_drifting_steps(mon
     capped, capped_misses = run(max_corrections(np.float32))
     assert kept < capped / 2, (kept, capped)
     assert kept_misses <= capped_misses, (kept_misses, capped_misses)
+
+
+def _drifted(rng, D, age, rank=8, step=2e-3):
+    """Orthogonal weights W0 and W0 after ``age`` Adam-like steps: each a sign pattern of a
+    rank-``rank`` gradient (what Adam makes of a batch's outer products) plus small noise."""
+    W0 = np.linalg.qr(rng.standard_normal((D, D)))[0]
+    W = W0.copy()
+    for _ in range(age):
+        g = rng.standard_normal((D, rank)) @ rng.standard_normal((rank, D))
+        W += step * (np.sign(g) + 0.1 * rng.standard_normal((D, D)))
+    return W0.astype(np.float32), W.astype(np.float32)
+
+
+def _kept_solve(W0, W, B, krylov, K):
+    """One solve from the kept inverse of W0 with K corrections, combined or not."""
+    state = RefinedInverse()
+    state.refresh(W0)
+    state.operator(W, rows=B.shape[-2])
+    state.krylov, state.K = krylov, K
+    op = _RefinedSolve(state, W)
+    x = op.right_solve(B)
+    return x, backward_errors([float(v) for v in op.sq])
+
+
+@given(D=st.integers(48, 160), M=st.integers(1, 4), age=st.integers(1, 12), seed=st.integers(0, 10**6))
+def test_every_combined_solve_meets_the_bound(xp, D, M, age, seed):
+    """A wide float32 layer with few rows (D / (4 rows) > 2: corrections combined by minimal
+    residual, ``_solve_by_krylov``), its inverse kept from weights ``age`` Adam-like steps
+    back: every accepted solve's backward error, recomputed in float64 with the exact 2-norm,
+    meets the bound, and the kept inverse is still the one it started from (no renewal
+    needed: the combination reaches the bound within its cap)."""
+    rng = np.random.default_rng(seed)
+    W0, W = _drifted(rng, D, age)
+    state = RefinedInverse()
+    state.refresh(xp.asarray(W0))
+    W, X0 = xp.asarray(W), state.X
+    for _ in range(3):
+        B = rand(rng, (M, D), xp, np.float32)
+        x = refined_solve(state, W, B)
+        assert state.krylov
+        assert _eta64(B, x, W) <= residual_bound(np.float32) * 1.01
+    assert state.refreshes == 1 and state.X is X0
+
+
+def test_the_combination_needs_far_fewer_corrections_than_refinement():
+    """The same stale inverse and right-hand sides (D = 256, 4 rows): the weights moved by a
+    small full-rank drift and along 4 directions by much more, so I - X W has four
+    eigenvalues of 0.5-0.7 and the rest below 0.01 (what a kept inverse of conv7's 3072 layer showed: a
+    first correction contracting by 0.1, later ones by 0.3 and more). The refinement's
+    iterates contract only as fast as the slowest direction allows; the minimal-residual
+    combination of the same corrections removes the few slow directions first."""
+    rng = np.random.default_rng(0)
+    D = 256
+    W0 = np.linalg.qr(rng.standard_normal((D, D)))[0]
+    slow = 5 * (rng.standard_normal((D, 4)) @ rng.standard_normal((4, D))) / D     # eigenvalues of I - X W to 0.7
+    W = (W0 + slow + 1e-3 * rng.standard_normal((D, D)) / np.sqrt(D)).astype(np.float32)
+    W0 = W0.astype(np.float32)
+    B = rng.standard_normal((4, D)).astype(np.float32)
+    target = residual_bound(np.float32) / 4
+
+    def needed(krylov):
+        for K in range(1, 40):
+            x, etas = _kept_solve(W0, W, B, krylov, K)
+            if etas[-1] <= target:
+                assert _eta64(B, x, W) <= residual_bound(np.float32)
+                return K
+        return 40
+    combined, refined = needed(True), needed(False)
+    assert combined <= refined / 2, (combined, refined)
+
+
+def test_the_combinations_predicted_residuals_are_least_squares_residuals():
+    """``_solve_by_krylov``'s history (the residual after k < K corrections, from one
+    Cholesky factor of the Gram matrices) against each row's least-squares problem over the
+    first k corrections solved directly in float64."""
+    rng = np.random.default_rng(1)
+    D, M, K = 128, 3, 5
+    W0, W = _drifted(rng, D, 8)
+    B = rng.standard_normal((M, D)).astype(np.float32)
+    x, etas = _kept_solve(W0, W, B, True, K)
+    X = np.linalg.inv(W0.astype(np.float64)).astype(np.float32)
+    x0 = B @ X
+    r0 = B - x0 @ W
+    r, Y = r0, []
+    for _ in range(K):
+        z = r @ X
+        Y.append(z @ W)
+        r = r - Y[-1]
+    # residual norms relative to ||r_0||, which the norm estimate in sq does not change
+    for k in range(1, K):
+        res2 = 0.0
+        for i in range(M):
+            A = np.stack([y[i] for y in Y[:k]], 1).astype(np.float64)
+            c = np.linalg.lstsq(A, r0[i].astype(np.float64), rcond=None)[0]
+            res2 += np.sum((r0[i] - A @ c) ** 2)
+        assert etas[k] / etas[0] == pytest.approx(np.sqrt(res2) / np.linalg.norm(r0.astype(np.float64)), rel=1e-2)
+    # the x returned: its residual is computed anew (in float32, so at the dtype's rounding
+    # level it differs from float64's), and both meet the bound
+    assert etas[-1] <= residual_bound(np.float32) and _eta64(B, x, W) <= residual_bound(np.float32)
+
+
+def test_a_kept_inverse_is_renewed_when_its_corrections_pass_the_cycles_mean_cost():
+    """``_renewal_pays``: renew when the next step's corrections exceed (corrections spent +
+    a renewal's D / rows) / steps of the cycle."""
+    state = RefinedInverse()
+    state.X, state.krylov, state.rows = np.zeros((3072, 3072), np.float32)[:1], True, 32   # D / rows = 96
+    state.age, state.spent = 20, 100                     # mean (100 + 96) / 20 = 9.8
+    state.K = 9
+    assert not state._renewal_pays(np.float32)
+    state.K = 10
+    assert state._renewal_pays(np.float32)
+    state.krylov = False                                 # refinement alone: renewed by the cap only
+    assert not state._renewal_pays(np.float32)

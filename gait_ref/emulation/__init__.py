@@ -176,7 +176,7 @@ def _call(name: str, impl, args=(), kwargs=None, *, writes=None, kind=None, laun
         launches, tables = _launches.concatenate_cost(seq, new[0].dtype)
         _count("pointer_tables", tables)
     elif launches and short in _launches.LIBRARY_CALLS:
-        launches = _launches.LIBRARY_CALLS[short]
+        launches = _launches.library_launches(short, inputs)
     if launches:
         _count("launch", launches)
         if _trace is not None:

@@ -22,7 +22,11 @@ The rules, each from CuPy 14.2's source (tag v14.2.0):
   Those copies are ``pointer_tables`` below, apart from the batch's copy;
 * ``linalg.solve`` on a matrix (``cupy/linalg/_solve.py``): two ``astype`` copies into
   Fortran order, then cuSOLVER's getrf and getrs (``cupyx/lapack.py::gesv``): 4.
-  ``linalg.inv``: a copy, ``eye`` (a memset and a fill), getrf, getrs: 5. ``svd``,
+  ``linalg.inv``: a copy, ``eye`` (a memset and a fill), getrf, getrs: 5. ``solve`` on a
+  stack of matrices of at most 256 (``cupy/cublas.py::batched_gesv``): two contiguous
+  copies, two ``arange`` pointer arrays, getrfBatched, getrsBatched and the result's
+  transposing copy: 7. ``cholesky`` on a stack (``_potrf_batched``): a copy, the pointer
+  array (``_mat_ptrs``), potrfBatched, ``tril``: 4. ``svd``,
   ``qr``: counted at their cuSOLVER calls plus the copies around them (see LIBRARY_CALLS);
   a library call launches more kernels inside the library, which this does not see;
 * ``matmul``/``dot``/``tensordot``/``einsum``: one cuBLAS GEMM (batched GEMM for stacked
@@ -37,7 +41,9 @@ from .memory import storage_root
 ALLOCATION_ONLY = {"empty", "empty_like"}     # cudaMalloc from the pool: no kernel
 
 # Library calls and the copies CuPy makes around them, per call (see the module docstring).
-LIBRARY_CALLS = {"solve": 4, "inv": 5, "svd": 4, "qr": 4, "lu_factor": 2, "lu_solve": 2}
+LIBRARY_CALLS = {"solve": 4, "inv": 5, "svd": 4, "qr": 4, "lu_factor": 2, "lu_solve": 2, "cholesky": 4}
+BATCHED_LIBRARY_CALLS = {"solve": 7}      # on a stack (.., n, n) of small matrices
+BATCHED_GESV_LIMIT = 256                  # cupy.cublas.get_batched_gesv_limit()'s default
 GEMMS = {"matmul", "dot", "tensordot", "einsum", "__matmul__", "__rmatmul__", "inner", "vdot"}
 CONCATENATING = {"concatenate", "stack", "hstack", "vstack", "column_stack", "concat"}
 POINTER_TABLE_MIN = 9                 # _concatenate: `if len(arrays) > 8`
@@ -73,16 +79,26 @@ def gemm_flops(a: np.ndarray, b: np.ndarray) -> int:
     return 2 * m * n * k * batch
 
 
+def library_launches(name: str, inputs) -> int:
+    """Kernels of one library call and the copies around it (see the module docstring)."""
+    a = inputs[0] if inputs else None
+    if (name in BATCHED_LIBRARY_CALLS and a is not None and a.ndim > 2
+            and a.shape[-1] <= BATCHED_GESV_LIMIT):
+        return BATCHED_LIBRARY_CALLS[name]
+    return LIBRARY_CALLS[name]
+
+
 def solver_flops(name: str, inputs) -> int:
     """The textbook flop counts of a solver call on (.., n, n) matrices: LU 2/3 n^3, the
-    triangular solves 2 n^2 per right-hand side, an inverse 2 n^3, QR 4/3 n^3, an SVD 12 n^3."""
+    triangular solves 2 n^2 per right-hand side, an inverse 2 n^3, QR 4/3 n^3, an SVD 12 n^3,
+    a Cholesky factorisation n^3 / 3."""
     a = inputs[0]
     n = a.shape[-1]
     batch = int(np.prod(a.shape[:-2])) if a.ndim > 2 else 1
     b = inputs[-1] if name == "lu_solve" else inputs[1] if len(inputs) > 1 else None
     rhs = b.shape[-1] if b is not None and b.ndim == a.ndim else 1
     per = {"solve": 2 * n ** 3 / 3 + 2 * n * n * rhs, "inv": 2 * n ** 3, "qr": 4 * n ** 3 / 3, "svd": 12 * n ** 3,
-           "lu_factor": 2 * n ** 3 / 3, "lu_solve": 2 * n * n * rhs}[name]
+           "lu_factor": 2 * n ** 3 / 3, "lu_solve": 2 * n * n * rhs, "cholesky": n ** 3 / 3}[name]
     return int(batch * per)
 
 
