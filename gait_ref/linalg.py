@@ -183,7 +183,9 @@ def correction_cap(dtype, rows: int, D: int) -> int:
     the layer renews as it always did; the deep MLP at batch 256 measured more corrections than
     renewals saved with D / rows) and at most ``MAX_PLANNED`` (an inverse that needs more has
     drifted so far that its contraction per correction is no longer small). conv7's output
-    layer at 224 px, batch 32: 24, so 8."""
+    layer at 224 px, batch 32: 24, so 8. A float32 layer whose cap passes ``max_corrections``
+    combines its corrections instead (``RefinedInverse.krylov``) and is renewed by cost
+    (``RefinedInverse._renewal_pays``), up to ``MAX_KRYLOV``."""
     if rows <= 0:                                       # rows unknown: the dtype's maximum
         return max_corrections(dtype)
     return int(min(MAX_PLANNED, max(max_corrections(dtype), D // (4 * int(rows)))))
@@ -199,6 +201,20 @@ def corrections_to_reach(etas: list, target: float, rho) -> int | None:
     if etas[-1] <= target:
         return K
     return K + int(math.ceil(math.log(target / etas[-1]) / math.log(rho)))
+
+
+def _fewest_next_step(etas: list, target: float, age: int) -> int:
+    """The fewest corrections k whose error eta_k, grown by one more step of drift, stays
+    within ``target``: the drift of the weights from the ones X was made for grows about
+    linearly with X's age, and the error after k corrections like the drift to the power
+    k + 1, so the next step's eta_k is about eta_k ((age + 1) / age)^(k + 1). (conv7's 3072
+    layer at 224 px, one step after a fresh inverse: 8.7e-7 after one correction, 1.3e-5 after
+    two at the next step; the first cycle has no earlier one to plan from.) None reach it: one
+    more than there are."""
+    if age < 1:
+        return next((k for k, e in enumerate(etas) if e <= target), len(etas))
+    g = (age + 1) / age
+    return next((k for k, e in enumerate(etas) if e * g ** (k + 1) <= target), len(etas))
 
 
 def residual_bound(dtype) -> float:
@@ -401,7 +417,10 @@ class RefinedInverse:
         planned for the next step); else the solver is strengthened: a kept inverse gets the
         corrections its contraction says reach bound / 4, if within ``correction_cap``, else a
         fresh inverse of W (the weights this step solves with); a fresh one gets one more
-        correction, up to ``max_corrections(dtype)``, then another fresh inverse. SingularWeights if the solve proves W numerically singular in its dtype
+        correction, up to ``max_corrections(dtype)``, then another fresh inverse. Where the
+        corrections are combined (``krylov``), etas[1:K] are the combination's predicted
+        residuals and etas[K] the x's own, and each age's need is kept for the next cycle.
+        SingularWeights if the solve proves W numerically singular in its dtype
         (``condition_lower_bound`` past 1 / eps): no solver can give a meaningful x."""
         self.etas = etas = backward_errors(sq, world)
         cond, eps = condition_lower_bound(sq, world), float(np.finfo(W.dtype).eps)
@@ -429,6 +448,7 @@ class RefinedInverse:
             if self.krylov and not self.exact_now:
                 self.needed += [0] * (self.age + 1 - len(self.needed))
                 self.needed[self.age] = max(self.needed[self.age], self._planned)
+                self._planned = _fewest_next_step(etas, bound / 4, self.age)
             # a layer whose cap passes max_corrections keeps its inverse for several steps, each
             # a step's drift staler: one correction of margin (a fraction of a renewal's cost)
             # against a miss, which recomputes the whole step's targets

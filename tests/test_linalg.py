@@ -633,3 +633,15 @@ def test_a_kept_inverse_is_renewed_when_its_corrections_pass_the_cycles_mean_cos
     assert state._renewal_pays(np.float32)
     state.krylov = False                                 # refinement alone: renewed by the cap only
     assert not state._renewal_pays(np.float32)
+
+
+def test_the_plan_allows_for_one_more_step_of_drift():
+    """``_fewest_next_step``: the error after k corrections grows like the drift to the
+    power k + 1 and the drift linearly with the inverse's age, so one step after a renewal
+    (age 1 -> 2) eta_k is planned at 2^(k + 1) times its value; at age 20, (21/20)^(k + 1)."""
+    from gait_ref.linalg import _fewest_next_step
+    etas, target = [1e-3, 1e-6, 1e-9], 1.9e-6
+    assert _fewest_next_step(etas, target, 0) == 1             # the errors as measured
+    assert _fewest_next_step(etas, target, 1) == 2             # 1e-6 x 4 > target >= 1e-9 x 8
+    assert _fewest_next_step(etas, target, 20) == 1            # 1e-6 x 1.1 <= target
+    assert _fewest_next_step([1e-3, 1e-4], target, 3) == 2     # none reach it: one more
