@@ -300,6 +300,33 @@ def gemm_rate(xp, n=2048):
     return 2 * n ** 3 / timed(lambda: a @ a, xp, repeats=3) / 1e9
 
 
+def gp_bp_ratios(setups, xp, reps, steps):
+    """Training steps of ``setups`` (gp, bp on the square net, bpo on the ordinary one) timed
+    interleaved: median seconds per step, and GP/BP against each BP as the median of each
+    repeat's ratio (GP against the BP steps timed right beside it), which the machine's drift
+    over a section disturbs less than a ratio of medians."""
+    rep = interleaved({k: v.train_step for k, v in setups.items()}, xp, reps=reps, steps=steps, per_repeat=True)
+    t = {k: float(np.median(v)) for k, v in rep.items()}
+    return t, float(np.median(rep["gp"] / rep["bp"])), float(np.median(rep["gp"] / rep["bpo"]))
+
+
+def gp_rate(s, xp, warm, n):
+    """After ``warm`` steps, ``n`` GP training steps of setup ``s``: (GEMM flops per step,
+    seconds per step, the kept inverses' counts over them, ``refine_counts``)."""
+    for _ in range(warm):
+        s.train_step()
+    st0, before, c0 = dict(s.rule.stats), refine_counts(s), layer_corrections(s)
+    t = time.perf_counter()
+    for _ in range(n):
+        s.train_step()
+    synchronize(xp)
+    dt = (time.perf_counter() - t) / n
+    st = {k: s.rule.stats[k] - st0[k] for k in st0}
+    fl = gp_flops(s.net, s.batch, st, n, 1, "refine", K=s.loss.n_classes, symmetric=xp is np,
+                  per_layer=corrections_since(s, c0)) / n
+    return fl, dt, refine_counts(s, before)
+
+
 def bench_ratio(xp, quick, dtype=np.float32):
     print("\n## 1. GP/BP training-step time (forward, rule, regulariser, Adam), float32, interleaved")
     print("| network | batch | --ortho-every | BP square ms | BP ordinary ms | GP ms | GP/BP square | GP/BP ordinary |"
@@ -310,12 +337,7 @@ def bench_ratio(xp, quick, dtype=np.float32):
         b = NETS[name][2] if quick else NETS[name][1]
         s = {"bp": Setup(name, "bp", xp, dtype, b, invertible=True), "bpo": Setup(name, "bp", xp, dtype, b, invertible=False),
              "gp": Setup(name, "gait", xp, dtype, b, ortho_every=every)}
-        # the ratios are medians of each repeat's ratio (GP against the BP steps timed right
-        # beside it), which the machine's drift over a section disturbs less than a ratio of medians
-        rep = interleaved({k: v.train_step for k, v in s.items()}, xp, reps=2 if quick else 7,
-                          steps=max(2, every) if quick else max(4, 2 * every), per_repeat=True)
-        t = {k: float(np.median(v)) for k, v in rep.items()}
-        r, ro = float(np.median(rep["gp"] / rep["bp"])), float(np.median(rep["gp"] / rep["bpo"]))
+        t, r, ro = gp_bp_ratios(s, xp, reps=2 if quick else 7, steps=max(2, every) if quick else max(4, 2 * every))
         verdict = "-" if target is None else f"{target} ({'met' if r <= target else 'NOT met'})"
         print(f"| {name} | {b} | {every} | {t['bp'] * 1e3:.0f} | {t['bpo'] * 1e3:.0f} | {t['gp'] * 1e3:.0f} | {r:.2f} | "
               f"{ro:.2f} | {verdict} |", flush=True)
@@ -336,10 +358,7 @@ def bench_ratio224(xp, quick, dtype=np.float32):
         for _ in range(1 if quick else 3):               # warm-up: the kept inverses' first steps
             s["gp"].train_step()
         before = refine_counts(s["gp"])
-        rep = interleaved({k: v.train_step for k, v in s.items()}, xp, reps=2 if quick else 4, steps=2 if quick else 3,
-                          per_repeat=True)
-        t = {k: float(np.median(v)) for k, v in rep.items()}
-        r, ro = float(np.median(rep["gp"] / rep["bp"])), float(np.median(rep["gp"] / rep["bpo"]))
+        t, r, ro = gp_bp_ratios(s, xp, reps=2 if quick else 4, steps=2 if quick else 3)
         c = floor_c(s["gp"])
         print(f"| {b} | {t['bp'] * 1e3:.0f} | {t['bpo'] * 1e3:.0f} | {t['gp'] * 1e3:.0f} | {r:.2f} | {ro:.2f} | "
               f"{c:.2f} ({'met' if r <= c else 'NOT met'}) |", flush=True)
@@ -355,18 +374,7 @@ def bench_efficiency(xp, quick):
         s = Setup(name, "gait", xp, np.float32, b)
         # steady state: the first steps run slower while the allocator and the kept inverses
         # settle (deep MLP, 6-step blocks from the start: 478, 405, 407, 379, 361 ms)
-        for _ in range(2 if quick else 12):
-            s.train_step()
-        st0, c0 = dict(s.rule.stats), layer_corrections(s)
-        n = 3 if quick else 10
-        t = time.perf_counter()
-        for _ in range(n):
-            s.train_step()
-        synchronize(xp)
-        dt = (time.perf_counter() - t) / n
-        st = {k: s.rule.stats[k] - st0[k] for k in st0}
-        fl = gp_flops(s.net, b, st, n, 1, "refine", K=s.loss.n_classes, symmetric=xp is np,
-                      per_layer=corrections_since(s, c0)) / n
+        fl, dt, _ = gp_rate(s, xp, 2 if quick else 12, 3 if quick else 10)
         eff = fl / dt / 1e9 / peak
         target = " (target 70%: " + ("met)" if eff >= 0.7 else "NOT met)") if name == "mlp-deep" else ""
         print(f"- {name} batch {b}: {fl / 1e9:.1f} GFLOP per GP step in {dt * 1e3:.0f} ms = {fl / dt / 1e9:.0f} GFLOP/s; "
@@ -378,19 +386,8 @@ def bench_efficiency224(xp, quick):
     peak = gemm_rate(xp, 1024 if quick else 2048)
     for b in NET_224[2] if quick else NET_224[1]:
         s = Setup("conv7-224px", "gait", xp, np.float32, b)
-        for _ in range(2 if quick else 4):
-            s.train_step()
-        st0, before, c0 = dict(s.rule.stats), refine_counts(s), layer_corrections(s)
         n = 2 if quick else 6
-        t = time.perf_counter()
-        for _ in range(n):
-            s.train_step()
-        synchronize(xp)
-        dt = (time.perf_counter() - t) / n
-        st = {k: s.rule.stats[k] - st0[k] for k in st0}
-        fl = gp_flops(s.net, b, st, n, 1, "refine", K=s.loss.n_classes, symmetric=xp is np,
-                      per_layer=corrections_since(s, c0)) / n
-        counts = refine_counts(s, before)
+        fl, dt, counts = gp_rate(s, xp, 2 if quick else 4, n)
         D = s.net.layers[-1].weight_shape[-1]
         renewal = 4 * D ** 3 * counts[0].get(s.net.layers[-1].name, 0) / n       # Newton-Schulz's flops
         print(f"- conv7 224 px batch {b}: {fl / 1e9:.1f} GFLOP per GP step (+ {renewal / 1e9:.1f} for the output "
@@ -423,38 +420,19 @@ def bench_float32(xp, quick):
     # a case with a unit at the leaky-ReLU kink (docs/BENCHMARKS.md, "float32 at the kink")
     cases.append(("conv7-64px", 16, 10))
     for name, b, steps in cases:
-        s64 = Setup(name, "gait", xp, np.float64, b)
-        for when in ("init", f"after {steps} steps"):
-            if when != "init":
-                for _ in range(steps):
-                    s64.train_step()
-            s32 = Setup(name, "gait", xp, np.float32, b)
-            for l32, l64 in zip(s32.net.layers, s64.net.layers):
-                l32.params = {k: v.astype(np.float32) for k, v in l64.params.items()}
-            a = {}
-            for s in (s64, s32):
-                tr = s.net.forward(s.x)
-                _, gy = s.loss.value_and_grad(tr.output, s.y)
-                g, _ = s.rule.compute(tr, gy)
-                gb, _ = make_rule("bp", s.net).compute(tr, gy)
-                a[s is s32] = {k: v["angle_deg"] for k, v in compare_updates(s.net, g, gb).items()}
-            worst = max(abs(a[True][k] - a[False][k]) for k in a[True])
-            cells = ", ".join(f"{k} {a[False][k]:.3g}/{a[True][k]:.3g}" for k in a[True])
-            print(f"- {name} batch {b}, {when}: max |diff| {worst:.2e} deg "
-                  f"({'meets' if worst <= 0.1 else 'MISSES'} 0.1); angle64/angle32: {cells}", flush=True)
+        float32_against_float64(xp, name, b, steps, name)
     float32_after_real_training(xp, 60 if quick else 300)
 
 
-def bench_float32_224(xp, quick):
-    print("\n## 4b. float32 GP (difference form) against float64 at 224 px: |angle32 - angle64| per layer")
-    steps = 10 if quick else 100
-    b = 8 if quick else 32
-    s64 = Setup("conv7-224px", "gait", xp, np.float64, b)
+def float32_against_float64(xp, name, b, steps, label):
+    """GP's angle to BP per layer with float64 weights and with their float32 copies, at
+    initialisation and after ``steps`` float64 training steps; prints the largest difference."""
+    s64 = Setup(name, "gait", xp, np.float64, b)
     for when in ("init", f"after {steps} steps"):
         if when != "init":
             for _ in range(steps):
                 s64.train_step()
-        s32 = Setup("conv7-224px", "gait", xp, np.float32, b)
+        s32 = Setup(name, "gait", xp, np.float32, b)
         for l32, l64 in zip(s32.net.layers, s64.net.layers):
             l32.params = {k: v.astype(np.float32) for k, v in l64.params.items()}
         a = {}
@@ -466,8 +444,13 @@ def bench_float32_224(xp, quick):
             a[s is s32] = {k: v["angle_deg"] for k, v in compare_updates(s.net, g, gb).items()}
         worst = max(abs(a[True][k] - a[False][k]) for k in a[True])
         cells = ", ".join(f"{k} {a[False][k]:.3g}/{a[True][k]:.3g}" for k in a[True])
-        print(f"- conv7 224 px batch {b}, {when}: max |diff| {worst:.2e} deg "
+        print(f"- {label} batch {b}, {when}: max |diff| {worst:.2e} deg "
               f"({'meets' if worst <= 0.1 else 'MISSES'} 0.1); angle64/angle32: {cells}", flush=True)
+
+
+def bench_float32_224(xp, quick):
+    print("\n## 4b. float32 GP (difference form) against float64 at 224 px: |angle32 - angle64| per layer")
+    float32_against_float64(xp, "conv7-224px", 8 if quick else 32, 10 if quick else 100, "conv7 224 px")
 
 
 def float32_after_real_training(xp, steps):
