@@ -1,7 +1,8 @@
 """Performance benchmarks (issue: GAIT-prop at the cost of its own arithmetic). Prints its figures.
 
-    python bench/perf.py [--quick] [--backend numpy|cupy] [--only ratio,efficiency,torch,float32,gemm,memory,data,solver,floor]
-    python bench/perf.py --only ratio224,efficiency224,floor224,float32-224     # conv7 at 224 px (issue 34)
+    python bench/perf.py [--quick] [--backend numpy|cupy] [--only ratio,efficiency,torch,float32,gemm,memory,data,solver,floor,
+                                                                 floor224,ratio224,efficiency224,float32-224]
+    python bench/perf.py --only ratio224,efficiency224,floor224,float32-224     # conv7 at 224 px alone (issue 34)
 
 ratio       one full training step (``gait_ref.step.TrainStep``: forward, rule, regulariser,
             Adam) of normalized GP and of BP, interleaved (A, B, A, B), several steps per
@@ -673,9 +674,8 @@ def bench_data(xp, quick):
 @click.command()
 @click.option("--quick", is_flag=True, help="Small batches and few repeats: checks that everything runs.")
 @click.option("--backend", default="numpy", type=click.Choice(["numpy", "cupy"]))
-@click.option("--only", default="ratio,efficiency,torch,float32,gemm,memory,data,solver,floor", show_default=True,
-              help="Sections, comma-separated; the 224 px ones (ratio224, efficiency224, floor224, float32-224) "
-                   "run only when named.")
+@click.option("--only", default="ratio,efficiency,torch,float32,gemm,memory,data,solver,floor,"
+              "floor224,ratio224,efficiency224,float32-224", show_default=True, help="Sections, comma-separated.")
 @click.option("--time-one", nargs=5, hidden=True)
 def main(quick, backend, only, time_one):
     if time_one:                                   # a worker of bench_torch: print seconds per step

@@ -506,7 +506,10 @@ class RefinedInverse:
         (corrections spent + renewal) / steps, keeps the mean cost per step near its minimum
         (the rule for replacing anything whose running cost grows). conv7's 3072-wide layer
         at 224 px, float32: batch 32, a renewal of 96 corrections against 1-8 corrections a
-        step over about 25 steps; batch 256, 12 against 2-6."""
+        step, renewed after about 40 steps; batch 256, 12 against 4-5, after about 13. The
+        rows are those of all processes, as for the cap, so that any number of processes
+        decides alike (each process pays the whole renewal and its share of the
+        corrections, so with P processes the truly cheapest cycle is somewhat longer)."""
         if not self.krylov or self.rows <= 0:
             return False
         renewal = self.X.shape[-1] / self.rows
@@ -595,8 +598,9 @@ class _RefinedSolve:
         combination only while I - X W is uniformly small; a stale X has a few slow directions
         (the weights' drift since X was made), which GMRES removes in a few steps: conv7's
         3072-wide output layer at 224 px, batch 32, needed 9, 13 and 39 corrections at inverse
-        ages 7, 10 and 15 steps, and 4, 5 and 6 combined (``kept_inverse_krylov`` test,
-        docs/BENCHMARKS.md).
+        ages 7, 10 and 15 steps, and 4, 5 and 6 combined (docs/BENCHMARKS.md; the same effect
+        on a constructed drift: ``tests/test_linalg.py::
+        test_the_combination_needs_far_fewer_corrections_than_refinement``).
 
         The Gram matrix G (.., M, K + 1, K + 1) is scaled to a unit diagonal and shifted by
         ``KRYLOV_SHIFT`` (the monomial basis y_j grows nearly dependent as the iteration
