@@ -671,6 +671,14 @@ def bench_data(xp, quick):
           f"({'meets' if read_rate / train_rate >= 5 else 'MISSES'} 5)", flush=True)
 
 
+# --only's sections, in the order they run; torch and memory measure the host only
+SECTIONS = {"ratio": bench_ratio, "efficiency": bench_efficiency, "torch": bench_torch, "float32": bench_float32,
+            "gemm": bench_gemm, "memory": lambda xp, quick: bench_memory(quick), "data": bench_data,
+            "solver": bench_solver, "floor": bench_floor, "floor224": bench_floor224, "ratio224": bench_ratio224,
+            "efficiency224": bench_efficiency224, "float32-224": bench_float32_224}
+HOST_ONLY = {"torch", "memory"}
+
+
 @click.command()
 @click.option("--quick", is_flag=True, help="Small batches and few repeats: checks that everything runs.")
 @click.option("--backend", default="numpy", type=click.Choice(["numpy", "cupy"]))
@@ -687,33 +695,13 @@ def main(quick, backend, only, time_one):
           + (" (quick)" if quick else ""))
     print(blas_line() + f"; OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '')}")
     parts = only.split(",")
-    if "ratio" in parts:
-        bench_ratio(xp, quick)
-    if "efficiency" in parts:
-        bench_efficiency(xp, quick)
-    if "torch" in parts and backend == "numpy":
-        bench_torch(xp, quick)
-    if "float32" in parts:
-        bench_float32(xp, quick)
-    if "gemm" in parts:
-        bench_gemm(xp, quick)
-    if "memory" in parts and backend == "numpy":
-        bench_memory(quick)
-    if "data" in parts:
-        bench_data(xp, quick)
-    if "solver" in parts:
-        bench_solver(xp, quick)
-    if "floor" in parts:
-        bench_floor(xp, quick)
-    if "floor224" in parts:
-        bench_floor224(xp, quick)
-    if "ratio224" in parts:
-        bench_ratio224(xp, quick)
-    if "efficiency224" in parts:
-        bench_efficiency224(xp, quick)
-    if "float32-224" in parts:
-        bench_float32_224(xp, quick)
-
+    unknown = sorted(set(parts) - set(SECTIONS))
+    if unknown:
+        raise click.BadParameter(f"unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}",
+                                 param_hint="--only")
+    for name, run in SECTIONS.items():              # in this order, whatever the order of --only
+        if name in parts and (backend == "numpy" or name not in HOST_ONLY):
+            run(xp, quick)
 
 if __name__ == "__main__":
     main()
