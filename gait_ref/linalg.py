@@ -209,11 +209,9 @@ def _fewest_next_step(etas: list, target: float, age: int) -> int:
     linearly with X's age, and the error after k corrections like the drift to the power
     k + 1, so the next step's eta_k is about eta_k ((age + 1) / age)^(k + 1). (conv7's 3072
     layer at 224 px, one step after a fresh inverse: 8.7e-7 after one correction, 1.3e-5 after
-    two at the next step; the first cycle has no earlier one to plan from.) None reach it: one
-    more than there are."""
-    if age < 1:
-        return next((k for k, e in enumerate(etas) if e <= target), len(etas))
-    g = (age + 1) / age
+    two at the next step; the first cycle has no earlier one to plan from.) ``age`` 0: the
+    fewest that met ``target`` as measured. None reach it: one more than there are."""
+    g = (age + 1) / age if age >= 1 else 1.0           # age 0: the errors as measured
     return next((k for k, e in enumerate(etas) if e * g ** (k + 1) <= target), len(etas))
 
 
@@ -444,7 +442,7 @@ class RefinedInverse:
         if etas[-1] <= bound:
             # the fewest corrections that reached bound / 4; none did: one more than now (the
             # kept inverse only grows staler, so a residual near the bound misses it next step)
-            self._planned = next((k for k, e in enumerate(etas) if e <= bound / 4), len(etas))
+            self._planned = _fewest_next_step(etas, bound / 4, 0)
             if self.krylov and not self.exact_now:
                 self.needed += [0] * (self.age + 1 - len(self.needed))
                 self.needed[self.age] = max(self.needed[self.age], self._planned)
