@@ -176,8 +176,8 @@ def test_random_kills_lose_nothing(tmp_path):
             time.sleep(0.02)
         time.sleep(float(rng.uniform(0.0, 0.3)))
         p.send_signal(signal.SIGKILL)
-        p.communicate()
-        assert p.returncode == -signal.SIGKILL                  # killed mid-run, not finished
+        out, err = p.communicate()
+        assert p.returncode == -signal.SIGKILL, (k, p.returncode, err[-2000:])   # killed mid-run, not finished
         steps_at_kill.append(load_latest(b / "last.h5", warn=lambda m: None)[2]["step"])
     assert steps_at_kill == sorted(steps_at_kill) and steps_at_kill[-1] < 400
     res = run_cli(*args, "--out", b, "--resume")
